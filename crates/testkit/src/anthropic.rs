@@ -1,0 +1,10 @@
+//! Placeholder; replaced by the dialect's full fake.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use crate::Shared;
+
+pub(crate) async fn messages(State(_shared): State<Shared>) -> StatusCode {
+    StatusCode::NOT_IMPLEMENTED
+}
