@@ -130,8 +130,14 @@ where
     FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_BYTES))
         .map_err(move |e| match e {
             tokio_util::codec::LinesCodecError::Io(io) => {
-                match io.into_inner().and_then(|inner| inner.downcast::<LlmError>().ok()) {
-                    Some(llm) => *llm,
+                let invalid_data = io.kind() == std::io::ErrorKind::InvalidData;
+                match io.into_inner().map(|inner| inner.downcast::<LlmError>()) {
+                    Some(Ok(llm)) => *llm,
+                    _ if invalid_data => LlmError::malformed(provider, "an NDJSON line is not UTF-8"),
+                    Some(Err(other)) => LlmError::Connection {
+                        provider,
+                        message: other.to_string(),
+                    },
                     None => LlmError::Connection {
                         provider,
                         message: "the stream broke".into(),
