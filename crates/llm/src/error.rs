@@ -237,8 +237,7 @@ impl UpstreamFailure {
         } else {
             self.message
         };
-        if code.as_deref() == Some("context_length_exceeded") || mentions_context_length(&message)
-        {
+        if code.as_deref() == Some("context_length_exceeded") || mentions_context_length(&message) {
             return LlmError::ContextLengthExceeded { provider, message };
         }
         match self.status {

@@ -182,12 +182,14 @@ impl LlmEnv {
             ..RetryPolicy::default()
         };
         let prices = match get("PRICING_FILE") {
-            Some(path) => Arc::new(PriceTable::builtin_with_override_file(&path).map_err(
-                |e| EnvError {
-                    variable: "PRICING_FILE",
-                    message: e.to_string(),
-                },
-            )?),
+            Some(path) => {
+                Arc::new(
+                    PriceTable::builtin_with_override_file(&path).map_err(|e| EnvError {
+                        variable: "PRICING_FILE",
+                        message: e.to_string(),
+                    })?,
+                )
+            }
             None => PriceTable::builtin(),
         };
         let provider = |name: &'static str| -> std::result::Result<ProviderKind, EnvError> {
@@ -270,7 +272,9 @@ impl LlmEnv {
     /// Anthropic; Ollama needs none (its server must be running).
     pub fn is_configured(&self, provider: ProviderKind) -> bool {
         match provider {
-            ProviderKind::OpenAi | ProviderKind::Anthropic => self.config(provider).api_key.is_some(),
+            ProviderKind::OpenAi | ProviderKind::Anthropic => {
+                self.config(provider).api_key.is_some()
+            }
             ProviderKind::Ollama => true,
         }
     }
@@ -452,6 +456,9 @@ mod tests {
         assert_eq!(normalize_base_url("https://x.io/v1"), "https://x.io");
         assert_eq!(normalize_base_url("https://x.io/v1/"), "https://x.io");
         assert_eq!(normalize_base_url("https://x.io/"), "https://x.io");
-        assert_eq!(normalize_base_url("https://x.io/proxy"), "https://x.io/proxy");
+        assert_eq!(
+            normalize_base_url("https://x.io/proxy"),
+            "https://x.io/proxy"
+        );
     }
 }

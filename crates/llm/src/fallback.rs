@@ -108,10 +108,7 @@ impl FallbackChain {
 
     async fn run<'a, T, F>(&'a self, mut call: F) -> Result<Served<T>, FallbackExhausted>
     where
-        F: FnMut(
-            usize,
-            &'a dyn LlmProvider,
-        ) -> futures::future::BoxFuture<'a, Result<T>>,
+        F: FnMut(usize, &'a dyn LlmProvider) -> futures::future::BoxFuture<'a, Result<T>>,
     {
         let mut failed = Vec::new();
         for (index, entry) in self.entries.iter().enumerate() {

@@ -133,7 +133,9 @@ where
                 let invalid_data = io.kind() == std::io::ErrorKind::InvalidData;
                 match io.into_inner().map(|inner| inner.downcast::<LlmError>()) {
                     Some(Ok(llm)) => *llm,
-                    _ if invalid_data => LlmError::malformed(provider, "an NDJSON line is not UTF-8"),
+                    _ if invalid_data => {
+                        LlmError::malformed(provider, "an NDJSON line is not UTF-8")
+                    }
                     Some(Err(other)) => LlmError::Connection {
                         provider,
                         message: other.to_string(),

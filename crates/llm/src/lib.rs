@@ -47,7 +47,7 @@ pub mod retry;
 pub mod types;
 
 pub use error::{LlmError, Result};
-pub use factory::{create_provider, EnvError, LlmEnv, ProviderConfig, SamplingDefaults};
+pub use factory::{EnvError, LlmEnv, ProviderConfig, SamplingDefaults, create_provider};
 pub use fallback::{FailedAttempt, FallbackChain, FallbackEntry, FallbackExhausted, Served};
 pub use http::install_crypto_provider;
 pub use pricing::{Cost, ModelPrice, PriceTable};

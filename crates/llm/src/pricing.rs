@@ -45,7 +45,11 @@ impl Cost {
 
 /// Formats nano-dollars as a decimal USD string with nine decimals.
 pub fn format_usd(nano_usd: u64) -> String {
-    format!("{}.{:09}", nano_usd / 1_000_000_000, nano_usd % 1_000_000_000)
+    format!(
+        "{}.{:09}",
+        nano_usd / 1_000_000_000,
+        nano_usd % 1_000_000_000
+    )
 }
 
 /// Why a price table could not be loaded.
@@ -168,7 +172,8 @@ impl PriceTable {
                     "model `{name}` must be written as provider/model"
                 )));
             }
-            self.models.insert(name.to_ascii_lowercase(), entry.to_price(name)?);
+            self.models
+                .insert(name.to_ascii_lowercase(), entry.to_price(name)?);
         }
         for (alias, target) in file.aliases {
             self.aliases
@@ -307,22 +312,36 @@ mod tests {
         );
         assert_eq!(haiku.nano_usd, 250_000 + 1_250_000);
         let llama = table.cost(ProviderKind::Ollama, "llama3.1:8b", usage(5000, 5000));
-        assert_eq!(llama, Cost { nano_usd: 0, priced: true });
+        assert_eq!(
+            llama,
+            Cost {
+                nano_usd: 0,
+                priced: true
+            }
+        );
     }
 
     #[test]
     fn aliases_and_dated_versions_resolve() {
         let table = PriceTable::builtin();
         let base = table.price(ProviderKind::OpenAi, "gpt-4o-mini");
-        assert_eq!(table.price(ProviderKind::OpenAi, "gpt-4o-mini-2024-07-18"), base);
-        assert_eq!(table.price(ProviderKind::OpenAi, "openai/GPT-4o-mini"), base);
+        assert_eq!(
+            table.price(ProviderKind::OpenAi, "gpt-4o-mini-2024-07-18"),
+            base
+        );
+        assert_eq!(
+            table.price(ProviderKind::OpenAi, "openai/GPT-4o-mini"),
+            base
+        );
         let sonnet = table.price(ProviderKind::Anthropic, "claude-3-5-sonnet-20241022");
         assert_eq!(
             table.price(ProviderKind::Anthropic, "claude-3-5-sonnet-latest"),
             sonnet
         );
         // A dated version with its own entry keeps its own price.
-        let may = table.price(ProviderKind::OpenAi, "gpt-4o-2024-05-13").unwrap();
+        let may = table
+            .price(ProviderKind::OpenAi, "gpt-4o-2024-05-13")
+            .unwrap();
         assert_eq!(may.input_micros_per_mtok, 5_000_000);
     }
 
@@ -357,11 +376,21 @@ mod tests {
         let table = PriceTable::builtin_with_override_file(dir.to_str().unwrap()).unwrap();
         std::fs::remove_file(&dir).ok();
         assert_eq!(
-            table.cost(ProviderKind::OpenAi, "gpt-4o", usage(1_000_000, 0)).nano_usd,
+            table
+                .cost(ProviderKind::OpenAi, "gpt-4o", usage(1_000_000, 0))
+                .nano_usd,
             1_000_000_000
         );
-        assert!(table.cost(ProviderKind::OpenAi, "my-finetune", usage(1, 1)).priced);
-        assert!(table.cost(ProviderKind::OpenAi, "gpt-4o-mini", usage(1, 1)).priced);
+        assert!(
+            table
+                .cost(ProviderKind::OpenAi, "my-finetune", usage(1, 1))
+                .priced
+        );
+        assert!(
+            table
+                .cost(ProviderKind::OpenAi, "gpt-4o-mini", usage(1, 1))
+                .priced
+        );
     }
 
     #[test]

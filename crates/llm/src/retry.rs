@@ -165,7 +165,9 @@ impl<P: LlmProvider> LlmProvider for Retrying<P> {
 
     async fn embed(&self, request: &EmbeddingRequest) -> Result<EmbeddingResponse> {
         let provider = self.inner.info().provider;
-        self.policy.run(provider, || self.inner.embed(request)).await
+        self.policy
+            .run(provider, || self.inner.embed(request))
+            .await
     }
 
     async fn list_models(&self) -> Result<Vec<String>> {
@@ -175,7 +177,11 @@ impl<P: LlmProvider> LlmProvider for Retrying<P> {
 }
 
 /// Ends `stream` with [`LlmError::Timeout`] when no chunk arrives for `idle`.
-pub fn with_idle_timeout(stream: ChunkStream, provider: ProviderKind, idle: Duration) -> ChunkStream {
+pub fn with_idle_timeout(
+    stream: ChunkStream,
+    provider: ProviderKind,
+    idle: Duration,
+) -> ChunkStream {
     Box::pin(futures::stream::unfold(
         Some(stream),
         move |state| async move {
@@ -221,7 +227,9 @@ mod tests {
         for retry in 0..6 {
             let ceiling = Duration::from_millis(100 * 2u64.pow(retry)).min(Duration::from_secs(1));
             for _ in 0..50 {
-                let delay = policy.delay_before_retry(retry, &upstream(503, None)).unwrap();
+                let delay = policy
+                    .delay_before_retry(retry, &upstream(503, None))
+                    .unwrap();
                 assert!(delay <= ceiling, "{delay:?} > {ceiling:?}");
             }
         }
@@ -231,10 +239,15 @@ mod tests {
     fn retry_after_is_a_floor_up_to_the_cap() {
         let policy = RetryPolicy::default();
         let wait = Duration::from_secs(2);
-        let delay = policy.delay_before_retry(0, &upstream(503, Some(wait))).unwrap();
+        let delay = policy
+            .delay_before_retry(0, &upstream(503, Some(wait)))
+            .unwrap();
         assert!(delay >= wait);
         let too_long = policy.max_retry_after + Duration::from_secs(1);
-        assert_eq!(policy.delay_before_retry(0, &upstream(503, Some(too_long))), None);
+        assert_eq!(
+            policy.delay_before_retry(0, &upstream(503, Some(too_long))),
+            None
+        );
     }
 
     #[test]

@@ -521,11 +521,13 @@ impl StreamAccumulator {
         provider: ProviderKind,
     ) -> CompletionResponse {
         let message = self.message();
-        let finish_reason = self.finish_reason.unwrap_or(if message.tool_calls.is_empty() {
-            FinishReason::Stop
-        } else {
-            FinishReason::ToolCalls
-        });
+        let finish_reason = self
+            .finish_reason
+            .unwrap_or(if message.tool_calls.is_empty() {
+                FinishReason::Stop
+            } else {
+                FinishReason::ToolCalls
+            });
         CompletionResponse {
             id: id.into(),
             message,

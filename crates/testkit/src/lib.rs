@@ -466,10 +466,7 @@ impl Exchange {
             body: request.clone(),
             raw: body,
         });
-        let reply = script
-            .replies
-            .pop_front()
-            .unwrap_or_else(Reply::echo);
+        let reply = script.replies.pop_front().unwrap_or_else(Reply::echo);
         Self {
             request,
             headers,
@@ -546,6 +543,9 @@ pub(crate) async fn respond(reply: &Reply, rendered: Rendered) -> Response {
                         return None;
                     }
                     if drop_after.is_some_and(|n| sent >= n) {
+                        // Without a pause hyper may abort before flushing the head and the
+                        // frames already "sent", and the client would see no stream at all.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         let cut = std::io::Error::other("connection dropped by the script");
                         return Some((Err(cut), (frames, sent, true)));
                     }
@@ -553,7 +553,10 @@ pub(crate) async fn respond(reply: &Reply, rendered: Rendered) -> Response {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    Some((Ok::<Bytes, std::io::Error>(frame), (frames, sent + 1, false)))
+                    Some((
+                        Ok::<Bytes, std::io::Error>(frame),
+                        (frames, sent + 1, false),
+                    ))
                 },
             );
             let mut response = Response::new(Body::from_stream(body));
@@ -561,9 +564,10 @@ pub(crate) async fn respond(reply: &Reply, rendered: Rendered) -> Response {
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static(content_type),
             );
-            response
-                .headers_mut()
-                .insert("cache-control", axum::http::HeaderValue::from_static("no-cache"));
+            response.headers_mut().insert(
+                "cache-control",
+                axum::http::HeaderValue::from_static("no-cache"),
+            );
             response
         }
     };
