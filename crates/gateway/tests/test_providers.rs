@@ -11,7 +11,11 @@ async fn run(args: &[&str], vars: &[(&str, String)]) -> Output {
     let dir = std::env::temp_dir().join(format!("meta-chat-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_meta-chat"));
-    command.current_dir(&dir).env_clear().arg("test-providers").args(args);
+    command
+        .current_dir(&dir)
+        .env_clear()
+        .arg("test-providers")
+        .args(args);
     if let Ok(path) = std::env::var("PATH") {
         command.env("PATH", path);
     }
@@ -47,12 +51,19 @@ async fn calls_every_configured_provider_and_prints_answer_latency_tokens_and_co
     .concat();
     let output = run(&[], &vars).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("✓ openai (gpt-4o-mini)"), "{stdout}");
     assert!(stdout.contains("answer:  4"), "{stdout}");
     assert!(stdout.contains("tokens:  1000 in, 500 out"), "{stdout}");
     assert!(stdout.contains("cost:    $0.000450000"), "{stdout}");
-    assert!(stdout.contains("✓ anthropic (claude-3-5-sonnet-20241022)"), "{stdout}");
+    assert!(
+        stdout.contains("✓ anthropic (claude-3-5-sonnet-20241022)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("answer:  Four."), "{stdout}");
     assert!(stdout.contains("✓ ollama (llama3.1:8b)"), "{stdout}");
     assert!(stdout.contains("cost:    $0.000000000"), "{stdout}");
@@ -86,8 +97,16 @@ async fn unconfigured_providers_are_named_with_the_missing_variable() {
     let output = run(&[], &[("OLLAMA_BASE_URL", fake.url())]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("openai (gpt-4o): not configured (set OPENAI_API_KEY)"), "{stdout}");
-    assert!(stdout.contains("anthropic (claude-3-5-sonnet-20241022): not configured (set ANTHROPIC_API_KEY)"), "{stdout}");
+    assert!(
+        stdout.contains("openai (gpt-4o): not configured (set OPENAI_API_KEY)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "anthropic (claude-3-5-sonnet-20241022): not configured (set ANTHROPIC_API_KEY)"
+        ),
+        "{stdout}"
+    );
 
     let output = run(&["--provider", "anthropic"], &[]).await;
     assert!(!output.status.success());
@@ -109,7 +128,10 @@ async fn an_unreachable_ollama_says_how_to_start_it() {
     .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!output.status.success());
-    assert!(stdout.contains(&format!("http://127.0.0.1:{port}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("http://127.0.0.1:{port}")),
+        "{stdout}"
+    );
     assert!(stdout.contains("ollama serve"), "{stdout}");
 }
 
@@ -129,5 +151,8 @@ async fn an_upstream_error_is_reported_and_fails_the_run() {
     assert!(!output.status.success());
     assert!(stdout.contains("✗ openai"), "{stdout}");
     assert!(stdout.contains("check the openai API key"), "{stdout}");
-    assert!(!stdout.contains("sk-fake"), "the key must never be printed: {stdout}");
+    assert!(
+        !stdout.contains("sk-fake"),
+        "the key must never be printed: {stdout}"
+    );
 }

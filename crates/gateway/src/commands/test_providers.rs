@@ -18,7 +18,9 @@ pub struct Args {
 }
 
 fn parse_provider(value: &str) -> Result<ProviderKind, String> {
-    value.parse().map_err(|e: meta_chat_llm::types::UnknownProvider| e.to_string())
+    value
+        .parse()
+        .map_err(|e: meta_chat_llm::types::UnknownProvider| e.to_string())
 }
 
 /// Runs the command; the exit code is 0 when every tested provider answered.
@@ -80,10 +82,12 @@ async fn call(env: &LlmEnv, provider: ProviderKind, prompt: &str) -> Result<Stri
         .complete(&CompletionRequest::new(vec![Message::user(prompt)]))
         .await?;
     let latency = started.elapsed();
-    let cost = env
-        .prices
-        .cost(provider, &response.model, response.usage);
-    let price_note = if cost.priced { "" } else { " (model not in the price table)" };
+    let cost = env.prices.cost(provider, &response.model, response.usage);
+    let price_note = if cost.priced {
+        ""
+    } else {
+        " (model not in the price table)"
+    };
     Ok(format!(
         "  answer:  {}\n  latency: {} ms\n  tokens:  {} in, {} out\n  cost:    ${}{price_note}",
         response.message.content.trim(),
@@ -97,7 +101,10 @@ async fn call(env: &LlmEnv, provider: ProviderKind, prompt: &str) -> Result<Stri
 /// Says what to do about an error, beyond what it is.
 fn explain(error: &LlmError, base_url: &str) -> String {
     match error {
-        LlmError::Connection { provider: ProviderKind::Ollama, .. } => {
+        LlmError::Connection {
+            provider: ProviderKind::Ollama,
+            ..
+        } => {
             // The Ollama adapter's message already says to run `ollama serve`.
             error.to_string()
         }
