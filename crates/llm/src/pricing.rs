@@ -357,11 +357,13 @@ mod tests {
 
     #[test]
     fn rounding_is_half_up_in_nanos() {
-        // $0.15 per 1M tokens = 0.15 nano-dollars per token.
-        assert_eq!(nanos(1, 150_000), 0);
-        assert_eq!(nanos(3, 150_000), 0);
-        assert_eq!(nanos(4, 150_000), 1);
+        // $0.15 per 1M tokens = 150 nano-dollars per token.
+        assert_eq!(nanos(1, 150_000), 150);
+        // $0.000001 per 1M tokens = 0.001 nano-dollars per token: half up.
+        assert_eq!(nanos(499, 1), 0);
+        assert_eq!(nanos(500, 1), 1);
         assert_eq!(nanos(10, 20_000), 200);
+        assert_eq!(nanos(u64::MAX, u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -28,19 +28,33 @@ impl LlmProvider for AnthropicProvider {
     fn info(&self) -> ProviderInfo {
         super::info_for(
             &self.config,
-            Capabilities { chat: true, streaming: true, tools: true, embeddings: false },
+            Capabilities {
+                chat: true,
+                streaming: true,
+                tools: true,
+                embeddings: false,
+            },
         )
     }
 
     async fn complete(&self, _request: &CompletionRequest) -> Result<CompletionResponse> {
-        Err(LlmError::Unsupported { provider: self.config.provider, feature: "chat" })
+        Err(LlmError::Unsupported {
+            provider: self.config.provider,
+            feature: "chat",
+        })
     }
 
     async fn stream(&self, _request: &CompletionRequest) -> Result<ChunkStream> {
-        Err(LlmError::Unsupported { provider: self.config.provider, feature: "streaming" })
+        Err(LlmError::Unsupported {
+            provider: self.config.provider,
+            feature: "streaming",
+        })
     }
 
     async fn embed(&self, _request: &EmbeddingRequest) -> Result<EmbeddingResponse> {
-        Err(LlmError::Unsupported { provider: self.config.provider, feature: "embeddings" })
+        Err(LlmError::Unsupported {
+            provider: self.config.provider,
+            feature: "embeddings",
+        })
     }
 }
