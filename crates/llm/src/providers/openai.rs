@@ -373,8 +373,12 @@ fn chat_body(
         messages: request.messages.iter().map(wire_message).collect(),
         tools: request.tools.iter().map(wire_tool).collect(),
         tool_choice: request.tool_choice.as_ref().map(wire_tool_choice),
-        temperature: request.temperature.or(config.defaults.temperature),
-        top_p: request.top_p.or(config.defaults.top_p),
+        // Reasoning models reject sampling parameters other than their defaults, so the
+        // configured defaults are not applied to them; an explicit request value still is.
+        temperature: request
+            .temperature
+            .or(config.defaults.temperature.filter(|_| !reasoning)),
+        top_p: request.top_p.or(config.defaults.top_p.filter(|_| !reasoning)),
         max_tokens: (!reasoning).then_some(max_tokens),
         max_completion_tokens: reasoning.then_some(max_tokens),
         stop: request.stop.iter().map(String::as_str).collect(),

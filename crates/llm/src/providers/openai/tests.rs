@@ -208,7 +208,13 @@ fn reasoning_models_take_max_completion_tokens() {
         assert_eq!(body[set], 50, "{model}");
         assert!(body.get(unset).is_none(), "{model}");
         assert!(body.get("stream").is_none(), "{model}");
+        // The configured default temperature is not forced on reasoning models.
+        assert_eq!(body.get("temperature").is_none(), reasoning, "{model}");
     }
+    let explicit = request.clone().with_temperature(1.0);
+    let body: Value =
+        serde_json::from_slice(&chat_body(&config("o3-mini"), &explicit, false).unwrap()).unwrap();
+    assert_eq!(body["temperature"], 1.0);
 }
 
 #[test]
