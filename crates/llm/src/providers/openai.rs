@@ -378,7 +378,9 @@ fn chat_body(
         temperature: request
             .temperature
             .or(config.defaults.temperature.filter(|_| !reasoning)),
-        top_p: request.top_p.or(config.defaults.top_p.filter(|_| !reasoning)),
+        top_p: request
+            .top_p
+            .or(config.defaults.top_p.filter(|_| !reasoning)),
         max_tokens: (!reasoning).then_some(max_tokens),
         max_completion_tokens: reasoning.then_some(max_tokens),
         stop: request.stop.iter().map(String::as_str).collect(),
