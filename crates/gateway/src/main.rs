@@ -19,6 +19,13 @@ enum Command {
     /// Send one prompt to each configured provider and print the answer, latency, tokens
     /// and cost (configuration from the environment and `.env`).
     TestProviders(commands::test_providers::Args),
+    /// Manage tenants in the database named by `DATABASE_URL`.
+    #[command(subcommand)]
+    Tenant(commands::tenant::TenantCommand),
+    /// Apply pending database migrations.
+    Migrate,
+    /// Re-encrypt every tenant secret from `ENCRYPTION_KEY_PREVIOUS` to `ENCRYPTION_KEY`.
+    RotateEncryptionKey,
 }
 
 #[tokio::main]
@@ -36,5 +43,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::TestProviders(args) => commands::test_providers::run(args).await,
+        Command::Tenant(command) => commands::tenant::run(command).await,
+        Command::Migrate => commands::tenant::migrate().await,
+        Command::RotateEncryptionKey => commands::tenant::rotate_encryption_key().await,
     }
 }

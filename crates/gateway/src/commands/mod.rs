@@ -1,3 +1,4 @@
 //! One module per command.
 
+pub mod tenant;
 pub mod test_providers;

@@ -1,0 +1,9 @@
+//! The meta-chat gateway: tenants with encrypted provider keys in SQLite or PostgreSQL,
+//! managed from the command line (the HTTP API builds on the same modules).
+
+pub mod bootstrap;
+pub mod config;
+pub mod crypto;
+pub mod settings;
+pub mod store;
+pub mod tenants;

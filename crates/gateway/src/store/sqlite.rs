@@ -1,0 +1,330 @@
+//! SQLite backend: one database file in WAL mode, foreign keys on, a busy timeout.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, Tenant, db_err, migrator,
+    next_updated_at, now,
+};
+
+const MIGRATIONS: &[EmbeddedMigration] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+)];
+
+static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATIONS));
+
+/// How long a connection waits for another writer's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`Store`] on a SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// The file behind a `sqlite:` URL, or `None` for an in-memory database or a malformed URL.
+pub fn sqlite_file_path(database_url: &str) -> Option<PathBuf> {
+    if is_in_memory(database_url) {
+        return None;
+    }
+    SqliteConnectOptions::from_str(database_url)
+        .ok()
+        .map(|options| options.get_filename().to_path_buf())
+}
+
+fn is_in_memory(database_url: &str) -> bool {
+    database_url.contains(":memory:") || database_url.contains("mode=memory")
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url`, e.g. `sqlite://meta-chat.db`, in WAL
+    /// mode with foreign keys on and a busy timeout. Does not run migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let mut pool = SqlitePoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        if is_in_memory(url) {
+            // An in-memory database lives as long as one of its connections: keep exactly one.
+            pool = pool
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        }
+        let pool = pool.connect_with(options).await.map_err(db_err)?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying connection pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Applies the embedded SQLite migrations that have not run yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(StoreError::database)
+    }
+
+    /// Sets one column of a tenant and advances `updated_at`, in a write transaction so the new
+    /// `updated_at` is strictly later than the one it replaces. `sql` binds `?1` = value,
+    /// `?2` = updated_at, `?3` = id and returns the tenant's columns.
+    async fn update_tenant(
+        &self,
+        sql: &'static str,
+        id: &str,
+        value: String,
+    ) -> Result<Tenant, StoreError> {
+        // IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
+        // writes can fail with SQLITE_BUSY instead of waiting for another writer.
+        let mut tx: Transaction<'static, Sqlite> = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
+        let previous: String = sqlx::query("SELECT updated_at FROM tenants WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .ok_or(StoreError::NotFound)?
+            .try_get("updated_at")
+            .map_err(db_err)?;
+        let updated_at = next_updated_at(parse_ts(&previous)?);
+        let row = sqlx::query(sql)
+            .bind(value)
+            .bind(format_ts(updated_at))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let tenant = tenant_from_row(&row)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(tenant)
+    }
+}
+
+/// Formats a timestamp so that text order is time order: `2025-01-31T12:34:56.123456Z`.
+fn format_ts(ts: DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn parse_ts(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|ts| ts.with_timezone(&Utc))
+        .map_err(|e| StoreError::Database(format!("bad timestamp in database: {e}")))
+}
+
+fn settings_to_text(settings: &serde_json::Value) -> Result<String, StoreError> {
+    serde_json::to_string(settings).map_err(StoreError::database)
+}
+
+fn tenant_from_row(row: &SqliteRow) -> Result<Tenant, StoreError> {
+    let settings: String = row.try_get("settings").map_err(db_err)?;
+    let created_at: String = row.try_get("created_at").map_err(db_err)?;
+    let updated_at: String = row.try_get("updated_at").map_err(db_err)?;
+    Ok(Tenant {
+        id: row.try_get("id").map_err(db_err)?,
+        name: row.try_get("name").map_err(db_err)?,
+        api_key_hash: row.try_get("api_key_hash").map_err(db_err)?,
+        settings: serde_json::from_str(&settings)
+            .map_err(|e| StoreError::Database(format!("bad settings JSON in database: {e}")))?,
+        created_at: parse_ts(&created_at)?,
+        updated_at: parse_ts(&updated_at)?,
+    })
+}
+
+fn tenants_from_rows(rows: &[SqliteRow]) -> Result<Vec<Tenant>, StoreError> {
+    rows.iter().map(tenant_from_row).collect()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        SqliteStore::migrate(self).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(db_err)
+    }
+
+    async fn create_tenant(&self, tenant: NewTenant) -> Result<Tenant, StoreError> {
+        let created_at = now();
+        let ts = format_ts(created_at);
+        sqlx::query(
+            "INSERT INTO tenants (id, name, api_key_hash, settings, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        )
+        .bind(&tenant.id)
+        .bind(&tenant.name)
+        .bind(&tenant.api_key_hash)
+        .bind(settings_to_text(&tenant.settings)?)
+        .bind(ts)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(Tenant {
+            id: tenant.id,
+            name: tenant.name,
+            api_key_hash: tenant.api_key_hash,
+            settings: tenant.settings,
+            created_at,
+            updated_at: created_at,
+        })
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, api_key_hash, settings, created_at, updated_at \
+             FROM tenants ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        tenants_from_rows(&rows)
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Tenant, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, api_key_hash, settings, created_at, updated_at \
+             FROM tenants WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .ok_or(StoreError::NotFound)?;
+        tenant_from_row(&row)
+    }
+
+    async fn tenant_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Tenant>, StoreError> {
+        sqlx::query(
+            "SELECT id, name, api_key_hash, settings, created_at, updated_at \
+             FROM tenants WHERE api_key_hash = ?1",
+        )
+        .bind(api_key_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(tenant_from_row)
+        .transpose()
+    }
+
+    async fn update_settings(
+        &self,
+        id: &str,
+        settings: serde_json::Value,
+    ) -> Result<Tenant, StoreError> {
+        self.update_tenant(
+            "UPDATE tenants SET settings = ?1, updated_at = ?2 WHERE id = ?3 \
+             RETURNING id, name, api_key_hash, settings, created_at, updated_at",
+            id,
+            settings_to_text(&settings)?,
+        )
+        .await
+    }
+
+    async fn rotate_key(&self, id: &str, new_api_key_hash: &str) -> Result<Tenant, StoreError> {
+        self.update_tenant(
+            "UPDATE tenants SET api_key_hash = ?1, updated_at = ?2 WHERE id = ?3 \
+             RETURNING id, name, api_key_hash, settings, created_at, updated_at",
+            id,
+            new_api_key_hash.to_string(),
+        )
+        .await
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
+        let result = sqlx::query("DELETE FROM tenants WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn tenants_updated_since(&self, since: DateTime<Utc>) -> Result<Vec<Tenant>, StoreError> {
+        // `since` may carry nanoseconds; rows hold microseconds. Rounding down keeps it inclusive.
+        let since = format_ts(since.trunc_subsecs(6));
+        let rows = sqlx::query(
+            "SELECT id, name, api_key_hash, settings, created_at, updated_at \
+             FROM tenants WHERE updated_at >= ?1 ORDER BY updated_at, id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        tenants_from_rows(&rows)
+    }
+
+    async fn all_tenant_settings(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let rows = sqlx::query("SELECT id, settings FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let settings: String = row.try_get("settings").map_err(db_err)?;
+                let settings = serde_json::from_str(&settings).map_err(|e| {
+                    StoreError::Database(format!("bad settings JSON in database: {e}"))
+                })?;
+                Ok((row.try_get("id").map_err(db_err)?, settings))
+            })
+            .collect()
+    }
+
+    async fn admin_key_hash(&self) -> Result<Option<String>, StoreError> {
+        sqlx::query("SELECT value FROM system WHERE key = ?1")
+            .bind(ADMIN_KEY_HASH)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .map(|row| row.try_get("value").map_err(db_err))
+            .transpose()
+    }
+
+    async fn set_admin_key_hash(&self, hash: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO system (key, value, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(ADMIN_KEY_HASH)
+        .bind(hash)
+        .bind(format_ts(now()))
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+}
