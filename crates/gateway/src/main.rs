@@ -6,22 +6,25 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// meta-chat: one interface over OpenAI, Anthropic and Ollama for every tenant.
+/// meta-chat: a multi-tenant LLM gateway over OpenAI, Anthropic and Ollama.
 #[derive(Debug, Parser)]
 #[command(name = "meta-chat", version, about)]
 struct Cli {
+    /// What to do; `serve` when omitted.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Send one prompt to each configured provider and print the answer, latency, tokens
-    /// and cost (configuration from the environment and `.env`).
-    TestProviders(commands::test_providers::Args),
+    /// Run the HTTP server on `BIND_ADDR` (the default command).
+    Serve,
     /// Manage tenants in the database named by `DATABASE_URL`.
     #[command(subcommand)]
     Tenant(commands::tenant::TenantCommand),
+    /// Send one prompt to each configured provider and print the answer, latency, tokens
+    /// and cost (configuration from the environment and `.env`).
+    TestProviders(commands::test_providers::Args),
     /// Apply pending database migrations.
     Migrate,
     /// Re-encrypt every tenant secret from `ENCRYPTION_KEY_PREVIOUS` to `ENCRYPTION_KEY`.
@@ -32,18 +35,24 @@ enum Command {
 async fn main() -> ExitCode {
     // `.env` is optional; a missing file is not an error.
     let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    let default_filter = match command {
+        Command::Serve => "info,sqlx=warn",
+        _ => "warn,sqlx=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
     meta_chat_llm::install_crypto_provider();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::TestProviders(args) => commands::test_providers::run(args).await,
+    match command {
+        Command::Serve => commands::serve::run().await,
         Command::Tenant(command) => commands::tenant::run(command).await,
+        Command::TestProviders(args) => commands::test_providers::run(args).await,
         Command::Migrate => commands::tenant::migrate().await,
         Command::RotateEncryptionKey => commands::tenant::rotate_encryption_key().await,
     }

@@ -198,15 +198,25 @@ impl TenantSettings {
     /// Replaces the sections present in `update` and keeps the others (SPEC §4.2 `PUT`).
     /// A section's `apiKey` left out of the update keeps the stored key.
     pub fn merge(&mut self, update: TenantSettings) {
+        // A stored key is kept only for the same provider: an OpenAI key must never be sent
+        // to Anthropic because a tenant switched providers without giving a new key.
         if let Some(mut llm) = update.llm {
             if llm.api_key.is_none() {
-                llm.api_key = self.llm.as_ref().and_then(|old| old.api_key.clone());
+                llm.api_key = self
+                    .llm
+                    .as_ref()
+                    .filter(|old| old.provider == llm.provider)
+                    .and_then(|old| old.api_key.clone());
             }
             self.llm = Some(llm);
         }
         if let Some(mut embeddings) = update.embeddings {
             if embeddings.api_key.is_none() {
-                embeddings.api_key = self.embeddings.as_ref().and_then(|old| old.api_key.clone());
+                embeddings.api_key = self
+                    .embeddings
+                    .as_ref()
+                    .filter(|old| old.provider == embeddings.provider)
+                    .and_then(|old| old.api_key.clone());
             }
             self.embeddings = Some(embeddings);
         }
@@ -409,15 +419,22 @@ mod tests {
             "cache": {"enabled": true}
         }))
         .unwrap();
-        let update = TenantSettings::parse(
+        let same_provider =
+            TenantSettings::parse(&json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
+                .unwrap();
+        stored.merge(same_provider);
+        let llm = stored.llm.as_ref().unwrap();
+        assert_eq!(llm.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(llm.api_key.as_deref(), Some("sk-old"));
+        assert!(stored.cache.as_ref().unwrap().enabled);
+        let other_provider = TenantSettings::parse(
             &json!({"llm": {"provider": "anthropic", "model": "claude-3-haiku-20240307"}}),
         )
         .unwrap();
-        stored.merge(update);
+        stored.merge(other_provider);
         let llm = stored.llm.as_ref().unwrap();
         assert_eq!(llm.provider, Some(ProviderKind::Anthropic));
-        assert_eq!(llm.api_key.as_deref(), Some("sk-old"));
-        assert!(stored.cache.as_ref().unwrap().enabled);
+        assert_eq!(llm.api_key, None, "another provider's key must not be kept");
     }
 
     #[test]

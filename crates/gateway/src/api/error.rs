@@ -52,7 +52,7 @@ impl ApiError {
             403 => "permission_error",
             404 => "not_found_error",
             409 => "conflict_error",
-            413 | 400 | 422 => "invalid_request_error",
+            400 | 405 | 413 | 422 => "invalid_request_error",
             429 => "rate_limit_error",
             503 | 529 => "service_unavailable_error",
             _ => "api_error",

@@ -1,6 +1,10 @@
 //! The HTTP API: the router, shared state and the operational endpoints.
 
+pub mod auth;
 pub mod error;
+pub mod json;
+pub mod openai_codec;
+pub mod tenants;
 
 use std::sync::Arc;
 
@@ -24,6 +28,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Tenant operations (settings validation, secrets).
     pub tenants: Tenants,
+    /// SHA-256 hex of the admin API key (see [`crate::bootstrap::ensure_admin_key`]).
+    pub admin_key_hash: Arc<String>,
 }
 
 /// The whole API.
@@ -32,7 +38,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(tenants::routes())
         .fallback(not_found)
+        // After every route: it applies to the method routers registered so far.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -53,4 +62,12 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
 }

@@ -1,4 +1,5 @@
 //! One module per command.
 
+pub mod serve;
 pub mod tenant;
 pub mod test_providers;

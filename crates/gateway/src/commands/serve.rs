@@ -1,0 +1,86 @@
+//! `meta-chat serve` (the default command): the HTTP server, until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use meta_chat::bootstrap::{self, StartupError};
+use meta_chat::config::Config;
+
+/// Starts the server on `BIND_ADDR` and runs until a shutdown signal; in-flight requests
+/// finish before the process exits.
+pub async fn run() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let bind_addr = config.bind_addr;
+    let (state, admin_key) = match bootstrap::app_state(config).await {
+        Ok(ready) => ready,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return match error {
+                StartupError::Config(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            };
+        }
+    };
+    if let Some(key) = &admin_key.generated {
+        // Printed once, on the first start; only its hash is stored.
+        println!("Generated the admin API key (shown only this once): {key}");
+    }
+    let listener = match tokio::net::TcpListener::bind(bind_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("error: BIND_ADDR: cannot listen on {bind_addr}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let database = state.store.backend();
+    let local = listener.local_addr().unwrap_or(bind_addr);
+    tracing::info!(addr = %local, database, "meta-chat listening");
+    println!("meta-chat listening on http://{local}");
+    let served = axum::serve(listener, meta_chat::api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    match served {
+        Ok(()) => {
+            tracing::info!("meta-chat stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: server failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}
