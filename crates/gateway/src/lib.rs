@@ -5,6 +5,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod config;
 pub mod crypto;
+pub mod routing;
 pub mod settings;
 pub mod store;
 pub mod tenants;

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod error;
 pub mod json;
+pub mod openai;
 pub mod openai_codec;
 pub mod tenants;
 
@@ -39,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(tenants::routes())
+        .merge(openai::routes())
         .fallback(not_found)
         // After every route: it applies to the method routers registered so far.
         .method_not_allowed_fallback(method_not_allowed)

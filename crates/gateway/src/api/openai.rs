@@ -1,0 +1,558 @@
+//! The OpenAI-compatible endpoints for tenant keys (SPEC §4.3): `POST /v1/chat/completions`,
+//! streamed or not, routed to the tenant's provider (with its fallback chain);
+//! `POST /v1/embeddings`, routed by the tenant's `embeddings` settings; `GET /v1/models`.
+//!
+//! Upstream failures are answered with OpenAI's statuses. A bad *upstream* key is a 502
+//! (`upstream_authentication_error`), never a 401, which would tell the client SDK that its
+//! gateway key is wrong. No message ever contains a provider key.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use meta_chat_llm::{
+    ChunkStream, FallbackChain, FallbackEntry, FallbackExhausted, LlmError, LlmProvider,
+    ProviderConfig, ProviderKind, create_provider,
+};
+use secrecy::ExposeSecret;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::json::RawBody;
+use super::openai_codec::{
+    ChunkEncoder, SSE_DONE, completion_json, embeddings_json, models_json, parse_chat_request,
+    parse_embeddings_request, sse_data,
+};
+use crate::routing;
+use crate::settings::TenantSettings;
+use crate::store::Tenant;
+
+/// The provider that served, `openai` / `anthropic` / `ollama`.
+pub const PROVIDER_HEADER: &str = "x-meta-chat-provider";
+/// The model that served.
+pub const MODEL_HEADER: &str = "x-meta-chat-model";
+/// `hit` or `miss`.
+pub const CACHE_HEADER: &str = "x-meta-chat-cache";
+/// The request's cost as a decimal USD string.
+pub const COST_HEADER: &str = "x-meta-chat-cost-usd";
+/// The gateway's id for the request (a UUID v7).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The routes of this module.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+}
+
+/// An error answer, with the `Retry-After` the upstream asked for.
+#[derive(Debug)]
+pub struct Failure {
+    error: ApiError,
+    retry_after: Option<Duration>,
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let mut response = self.error.into_response();
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up, at least 1.
+            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
+    }
+}
+
+/// The calling tenant; 403 `tenant_key_required` for the admin key.
+fn require_tenant(caller: Caller) -> Result<Tenant, ApiError> {
+    match caller {
+        Caller::Tenant(tenant) => Ok(tenant),
+        Caller::Admin => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "tenant_key_required",
+            "this endpoint needs a tenant API key; the admin key has no provider settings",
+        )),
+    }
+}
+
+/// The routed provider chain, the keys it holds (to scrub from error messages) and nothing
+/// else.
+struct Routed {
+    chain: FallbackChain,
+    secrets: Vec<String>,
+}
+
+fn build_chain(primary: ProviderConfig, fallback: Vec<(u32, ProviderConfig)>) -> Routed {
+    let mut secrets = Vec::new();
+    let mut entries = Vec::with_capacity(1 + fallback.len());
+    // The primary goes first: the chain sorts stably and it has the lowest priority.
+    for (priority, config) in std::iter::once((0, primary)).chain(fallback) {
+        if let Some(key) = &config.api_key {
+            secrets.push(key.expose_secret().to_owned());
+        }
+        let provider = config.provider;
+        match create_provider(config) {
+            Ok(provider) => entries.push(FallbackEntry { priority, provider }),
+            Err(error) => {
+                tracing::warn!(%provider, error.code = error.code(), "cannot build a provider");
+            }
+        }
+    }
+    Routed {
+        chain: FallbackChain::new(entries),
+        secrets,
+    }
+}
+
+/// The tenant's settings with keys decrypted; 500 (logged) when they cannot be read.
+fn open_settings(state: &AppState, tenant: &Tenant) -> Result<TenantSettings, ApiError> {
+    state.tenants.open(tenant).map_err(|error| {
+        tracing::error!(tenant = %tenant.id, %error, "cannot open the tenant's settings");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "cannot read the tenant's settings",
+        )
+    })
+}
+
+async fn embeddings(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<Response, Failure> {
+    let tenant = require_tenant(caller)?;
+    let parsed = parse_embeddings_request(&body)?;
+    let settings = open_settings(&state, &tenant)?;
+    let config = routing::embeddings_config(&state.config.llm, &settings, parsed.model.as_deref())?;
+    drop(settings);
+    let secrets: Vec<String> = config
+        .api_key
+        .iter()
+        .map(|k| k.expose_secret().to_owned())
+        .collect();
+    let provider_kind = config.provider;
+    let model = config.embedding_model.clone().unwrap_or_default();
+    let provider = create_provider(config).map_err(|e| llm_error(&e, &secrets))?;
+    let response = provider
+        .embed(&parsed.request)
+        .await
+        .map_err(|e| llm_error(&e, &secrets))?;
+    let cost = state
+        .config
+        .llm
+        .prices
+        .embedding_cost(provider_kind, &model, response.embedding_tokens)
+        .usd_string();
+    let shown_model = if response.model.is_empty() {
+        model.as_str()
+    } else {
+        response.model.as_str()
+    };
+    let json = embeddings_json(&response, shown_model, Some(&cost), parsed.base64);
+    let mut answer = axum::Json(json).into_response();
+    set_headers(
+        &mut answer,
+        provider_kind,
+        &model,
+        Some(&cost),
+        uuid::Uuid::now_v7(),
+    );
+    Ok(answer)
+}
+
+/// The models this tenant can use: its default first, then the priced chat models of every
+/// provider it has a key for (its own or the system's; Ollama needs none), as
+/// `provider/model`.
+async fn models(State(state): State<AppState>, caller: Caller) -> Result<Response, Failure> {
+    let tenant = require_tenant(caller)?;
+    let settings = open_settings(&state, &tenant)?;
+    let env = &state.config.llm;
+    let (primary, _) = routing::provider_config(env, &settings, None)?;
+    let tenant_has_key = |provider: ProviderKind| {
+        let llm = settings.llm.as_ref().is_some_and(|l| {
+            l.provider.unwrap_or(env.default_provider) == provider && l.api_key.is_some()
+        });
+        let fallback = settings
+            .fallback
+            .iter()
+            .flatten()
+            .any(|f| f.provider == provider && f.api_key.is_some());
+        llm || fallback
+    };
+    let mut list: Vec<(String, String)> = vec![(
+        format!("{}/{}", primary.provider, primary.model),
+        primary.provider.as_str().to_owned(),
+    )];
+    for provider in ProviderKind::ALL {
+        if !(env.is_configured(provider) || tenant_has_key(provider)) {
+            continue;
+        }
+        for model in env.prices.models(provider, false) {
+            let id = format!("{provider}/{model}");
+            if !list.iter().any(|(known, _)| *known == id) {
+                list.push((id, provider.as_str().to_owned()));
+            }
+        }
+    }
+    Ok(axum::Json(models_json(&list)).into_response())
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<Response, Failure> {
+    let tenant = require_tenant(caller)?;
+    let parsed = parse_chat_request(&body)?;
+    let settings = open_settings(&state, &tenant)?;
+    let (primary, fallback) =
+        routing::provider_config(&state.config.llm, &settings, parsed.model.as_deref())?;
+    drop(settings);
+    let routed = build_chain(primary, fallback);
+    let request_id = uuid::Uuid::now_v7();
+    let completion_id = format!("chatcmpl-{}", request_id.simple());
+    let created = chrono::Utc::now().timestamp();
+
+    if parsed.stream {
+        let served = routed
+            .chain
+            .stream_served(&parsed.request)
+            .await
+            .map_err(|e| exhausted(e, &routed.secrets))?;
+        let body = sse_body(
+            served.value,
+            ChunkEncoder::new(
+                completion_id,
+                created,
+                served.model.clone(),
+                parsed.include_usage,
+            ),
+            CostContext {
+                state: state.clone(),
+                provider: served.provider,
+                model: served.model.clone(),
+                secrets: routed.secrets,
+            },
+        );
+        let mut response = Response::new(body);
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        set_headers(
+            &mut response,
+            served.provider,
+            &served.model,
+            None,
+            request_id,
+        );
+        return Ok(response);
+    }
+
+    let served = routed
+        .chain
+        .complete_served(&parsed.request)
+        .await
+        .map_err(|e| exhausted(e, &routed.secrets))?;
+    let cost = state
+        .config
+        .llm
+        .prices
+        .cost(served.provider, &served.model, served.value.usage)
+        .usd_string();
+    let shown_model = if served.value.model.is_empty() {
+        served.model.as_str()
+    } else {
+        served.value.model.as_str()
+    };
+    let json = completion_json(
+        &served.value,
+        &completion_id,
+        created,
+        shown_model,
+        Some(&cost),
+    );
+    let mut response = axum::Json(json).into_response();
+    set_headers(
+        &mut response,
+        served.provider,
+        &served.model,
+        Some(&cost),
+        request_id,
+    );
+    Ok(response)
+}
+
+fn set_headers(
+    response: &mut Response,
+    provider: ProviderKind,
+    model: &str,
+    cost: Option<&str>,
+    request_id: uuid::Uuid,
+) {
+    let headers = response.headers_mut();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    };
+    put(PROVIDER_HEADER, provider.as_str());
+    put(MODEL_HEADER, model);
+    put(CACHE_HEADER, "miss");
+    if let Some(cost) = cost {
+        put(COST_HEADER, cost);
+    }
+    put(REQUEST_ID_HEADER, &request_id.to_string());
+}
+
+/// What the end of a stream needs to price it.
+struct CostContext {
+    state: AppState,
+    provider: ProviderKind,
+    model: String,
+    secrets: Vec<String>,
+}
+
+/// The SSE body: the encoded chunks, then (when asked) the usage chunk, then `[DONE]`; a
+/// failure mid-stream becomes an error event before `[DONE]`.
+fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: CostContext) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => {
+                    for value in encoder.encode(&chunk) {
+                        if tx.send(sse_data(&value)).await.is_err() {
+                            return; // The client went away.
+                        }
+                    }
+                }
+                Err(error) => {
+                    let failure = llm_error(&error, &context.secrets);
+                    let event = ChunkEncoder::api_error_event(&failure.error);
+                    let _ = tx.send(sse_data(&event)).await;
+                    let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
+                    return;
+                }
+            }
+        }
+        let usage = encoder.usage().unwrap_or_default();
+        let cost = context
+            .state
+            .config
+            .llm
+            .prices
+            .cost(context.provider, &context.model, usage)
+            .usd_string();
+        if let Some(value) = encoder.finish_usage(usage, Some(&cost))
+            && tx.send(sse_data(&value)).await.is_err()
+        {
+            return;
+        }
+        let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<Bytes, Infallible>(bytes), rx))
+    });
+    Body::from_stream(body)
+}
+
+fn exhausted(error: FallbackExhausted, secrets: &[String]) -> Failure {
+    match error.last_error() {
+        Some(last) => llm_error(last, secrets),
+        None => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "provider_not_configured",
+            "no provider could be built for this tenant",
+        )
+        .into(),
+    }
+}
+
+/// Removes every known key, and anything that looks like one, from an upstream message.
+fn scrub(message: &str, secrets: &[String]) -> String {
+    let mut out = message.to_owned();
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        out = out.replace(secret.as_str(), "[redacted]");
+    }
+    out.split(' ')
+        .map(|word| {
+            if word.contains("sk-") {
+                "[redacted]"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Upstream error codes passed through as they are (OpenAI's own).
+fn upstream_code(code: Option<&str>) -> &'static str {
+    match code {
+        Some("invalid_value") => "invalid_value",
+        Some("invalid_type") => "invalid_type",
+        Some("missing_required_parameter") => "missing_required_parameter",
+        Some("unsupported_parameter") => "unsupported_parameter",
+        Some("unsupported_value") => "unsupported_value",
+        Some("model_not_found") => "model_not_found",
+        Some("content_policy_violation") => "content_policy_violation",
+        _ => "invalid_request",
+    }
+}
+
+/// An [`LlmError`] in OpenAI's terms.
+pub fn llm_error(error: &LlmError, secrets: &[String]) -> Failure {
+    let message = scrub(&error.to_string(), secrets);
+    let (status, code) = match error {
+        LlmError::InvalidRequest { code, .. } => {
+            (StatusCode::BAD_REQUEST, upstream_code(code.as_deref()))
+        }
+        LlmError::ContextLengthExceeded { .. } => {
+            (StatusCode::BAD_REQUEST, "context_length_exceeded")
+        }
+        LlmError::ModelNotFound { .. } => (StatusCode::NOT_FOUND, "model_not_found"),
+        LlmError::Authentication { provider, .. } => {
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_authentication_error",
+                format!("{provider} rejected the provider API key configured for this tenant"),
+            )
+            .into();
+        }
+        LlmError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
+        LlmError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+        LlmError::Connection { .. } => (StatusCode::BAD_GATEWAY, "upstream_connection_error"),
+        LlmError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
+        LlmError::MalformedResponse { .. } => {
+            (StatusCode::BAD_GATEWAY, "upstream_malformed_response")
+        }
+        LlmError::Unsupported { .. } => (StatusCode::BAD_REQUEST, "unsupported"),
+        LlmError::Configuration { .. } => (StatusCode::BAD_REQUEST, "provider_not_configured"),
+        _ => (StatusCode::BAD_GATEWAY, "upstream_error"),
+    };
+    Failure {
+        error: ApiError::new(status, code, message),
+        retry_after: match error {
+            LlmError::RateLimited { .. } => {
+                Some(error.retry_after().unwrap_or(Duration::from_secs(1)))
+            }
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_openai_statuses() {
+        let p = ProviderKind::OpenAi;
+        let cases = [
+            (
+                LlmError::InvalidRequest {
+                    provider: p,
+                    status: Some(400),
+                    code: Some("invalid_value".into()),
+                    message: "bad".into(),
+                },
+                400,
+                "invalid_value",
+            ),
+            (
+                LlmError::InvalidRequest {
+                    provider: p,
+                    status: Some(400),
+                    code: None,
+                    message: "bad".into(),
+                },
+                400,
+                "invalid_request",
+            ),
+            (
+                LlmError::ContextLengthExceeded {
+                    provider: p,
+                    message: "long".into(),
+                },
+                400,
+                "context_length_exceeded",
+            ),
+            (
+                LlmError::Authentication {
+                    provider: p,
+                    status: 401,
+                    message: "Incorrect API key provided: sk-proj-abc".into(),
+                },
+                502,
+                "upstream_authentication_error",
+            ),
+            (
+                LlmError::Timeout {
+                    provider: p,
+                    after: Duration::from_secs(1),
+                },
+                504,
+                "upstream_timeout",
+            ),
+            (
+                LlmError::Configuration {
+                    provider: p,
+                    message: "no key".into(),
+                },
+                400,
+                "provider_not_configured",
+            ),
+        ];
+        for (error, status, code) in cases {
+            let failure = llm_error(&error, &[]);
+            assert_eq!(failure.error.status.as_u16(), status, "{error}");
+            assert_eq!(failure.error.code, code);
+            assert!(!failure.error.message.contains("sk-"));
+        }
+        let limited = llm_error(
+            &LlmError::RateLimited {
+                provider: p,
+                retry_after: Some(Duration::from_secs(7)),
+                message: "slow down".into(),
+            },
+            &[],
+        );
+        assert_eq!(limited.error.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.error.code, "rate_limit_exceeded");
+        let response = limited.into_response();
+        assert_eq!(response.headers()[RETRY_AFTER], "7");
+    }
+
+    #[test]
+    fn messages_lose_their_keys() {
+        let scrubbed = scrub(
+            "key tenant-secret-123 and sk-proj-xyz failed",
+            &["tenant-secret-123".to_owned()],
+        );
+        assert_eq!(scrubbed, "key [redacted] and [redacted] failed");
+    }
+}

@@ -1,0 +1,552 @@
+//! `POST /v1/chat/completions` over real sockets (SPEC §4.3): a gateway in front of the fake
+//! OpenAI + Anthropic + Ollama server, tenants on each provider, streaming, routing by model
+//! name, settings changes, fallback, and the answers to bad callers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+
+use meta_chat::bootstrap;
+use meta_chat::config::Config;
+use meta_chat_testkit::{FakeServer, Reply};
+use serde_json::{Value, json};
+
+const ADMIN_KEY: &str = "admin-key-for-tests-0123456789abcdef";
+const SYSTEM_OPENAI_KEY: &str = "sk-system-openai-0000";
+const SYSTEM_ANTHROPIC_KEY: &str = "sk-system-anthropic-0000";
+const TENANT_OPENAI_KEY: &str = "sk-tenant-openai-1111";
+const TENANT_ANTHROPIC_KEY: &str = "sk-tenant-anthropic-2222";
+
+struct Gateway {
+    base: String,
+    client: reqwest::Client,
+    fake: FakeServer,
+    _dir: tempfile::TempDir,
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("{} answer is not JSON ({e}): {}", self.status, self.text))
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+    }
+}
+
+impl Gateway {
+    async fn start() -> Self {
+        meta_chat_llm::install_crypto_provider();
+        let fake = FakeServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut vars = BTreeMap::new();
+        for (name, value) in [
+            (
+                "DATABASE_URL",
+                format!("sqlite://{}", dir.path().join("t.db").display()),
+            ),
+            ("ADMIN_API_KEY", ADMIN_KEY.to_owned()),
+            ("OPENAI_BASE_URL", fake.url()),
+            ("ANTHROPIC_BASE_URL", fake.url()),
+            ("OLLAMA_BASE_URL", fake.url()),
+            ("OPENAI_API_KEY", SYSTEM_OPENAI_KEY.to_owned()),
+            ("ANTHROPIC_API_KEY", SYSTEM_ANTHROPIC_KEY.to_owned()),
+            ("LLM_MAX_RETRIES", "0".to_owned()),
+            ("LLM_TIMEOUT", "5000".to_owned()),
+        ] {
+            vars.insert(name.to_owned(), value);
+        }
+        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+        let (state, _) = bootstrap::app_state(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, meta_chat::api::router(state))
+                .await
+                .unwrap();
+        });
+        Self {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            fake,
+            _dir: dir,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<String>,
+    ) -> Answer {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().await.unwrap();
+        Answer {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            text: response.text().await.unwrap(),
+        }
+    }
+
+    async fn chat(&self, key: &str, body: &Value) -> Answer {
+        self.send(
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            Some(key),
+            Some(body.to_string()),
+        )
+        .await
+    }
+
+    /// Creates a tenant; returns (id, tenant key).
+    async fn tenant(&self, settings: Value) -> (String, String) {
+        let answer = self
+            .send(
+                reqwest::Method::POST,
+                "/api/tenants",
+                Some(ADMIN_KEY),
+                Some(json!({"name": "t", "settings": settings}).to_string()),
+            )
+            .await;
+        assert_eq!(answer.status, 201, "{}", answer.text);
+        let body = answer.json();
+        (
+            body["id"].as_str().unwrap().to_owned(),
+            body["apiKey"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+fn hello(extra: Value) -> Value {
+    let mut body = json!({"messages": [{"role": "user", "content": "hello there"}]});
+    if let (Value::Object(map), Value::Object(more)) = (&mut body, extra) {
+        map.extend(more);
+    }
+    body
+}
+
+fn text_of(body: &Value) -> &str {
+    body["choices"][0]["message"]["content"].as_str().unwrap()
+}
+
+/// The `data:` payloads of an SSE body.
+fn events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| event.trim().strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn each_provider_answers_with_the_tenant_key_and_headers() {
+    let gw = Gateway::start().await;
+    let cases = [
+        (
+            json!({"llm": {"provider": "openai", "model": "gpt-4o-mini", "apiKey": TENANT_OPENAI_KEY}}),
+            "openai",
+            "gpt-4o-mini",
+            "/v1/chat/completions",
+            Some(TENANT_OPENAI_KEY),
+        ),
+        (
+            json!({"llm": {"provider": "anthropic", "model": "claude-3-haiku-20240307",
+                           "apiKey": TENANT_ANTHROPIC_KEY}}),
+            "anthropic",
+            "claude-3-haiku-20240307",
+            "/v1/messages",
+            Some(TENANT_ANTHROPIC_KEY),
+        ),
+        (
+            json!({"llm": {"provider": "ollama", "model": "llama3.1:8b"}}),
+            "ollama",
+            "llama3.1:8b",
+            "/api/chat",
+            None,
+        ),
+    ];
+    for (settings, provider, model, path, tenant_key) in cases {
+        let (_, key) = gw.tenant(settings).await;
+        gw.fake.push(Reply::text("Four.").with_usage(10, 2));
+        let answer = gw.chat(&key, &hello(json!({}))).await;
+        assert_eq!(answer.status, 200, "{provider}: {}", answer.text);
+        assert_eq!(answer.header("x-meta-chat-provider"), provider);
+        assert_eq!(answer.header("x-meta-chat-model"), model);
+        assert_eq!(answer.header("x-meta-chat-cache"), "miss");
+        let cost = answer.header("x-meta-chat-cost-usd").to_owned();
+        assert!(cost.contains('.'), "{cost}");
+        let request_id = answer.header("x-request-id");
+        assert_eq!(
+            uuid::Uuid::parse_str(request_id).unwrap().get_version_num(),
+            7
+        );
+        let body = answer.json();
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(text_of(&body), "Four.");
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+        assert_eq!(body["usage"]["prompt_tokens"], 10);
+        assert_eq!(body["usage"]["completion_tokens"], 2);
+        assert_eq!(body["usage"]["total_tokens"], 12);
+        assert_eq!(body["usage"]["cost_usd"], cost.as_str());
+
+        let recorded = gw.fake.requests_to(path);
+        let last = recorded.last().unwrap();
+        assert_eq!(last.body["model"], model);
+        if let Some(tenant_key) = tenant_key {
+            let seen = last
+                .header("authorization")
+                .or_else(|| last.header("x-api-key"))
+                .unwrap();
+            assert!(seen.contains(tenant_key), "{provider} got {seen}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_reassembles_to_the_same_text_and_ends_with_done() {
+    let gw = Gateway::start().await;
+    for provider in ["openai", "anthropic", "ollama"] {
+        let (_, key) = gw.tenant(json!({"llm": {"provider": provider}})).await;
+        gw.fake
+            .push(Reply::text("The answer is four.").with_usage(7, 5));
+        let plain = gw.chat(&key, &hello(json!({}))).await;
+        assert_eq!(plain.status, 200, "{}", plain.text);
+        let expected = text_of(&plain.json()).to_owned();
+
+        gw.fake.push(
+            Reply::text("The answer is four.")
+                .with_usage(7, 5)
+                .in_chunks(4),
+        );
+        let answer = gw
+            .chat(
+                &key,
+                &hello(json!({"stream": true, "stream_options": {"include_usage": true}})),
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert!(
+            answer
+                .header("content-type")
+                .starts_with("text/event-stream")
+        );
+        assert_eq!(answer.header("x-meta-chat-provider"), provider);
+        let events = events(&answer.text);
+        assert_eq!(events.last().unwrap(), "[DONE]", "{}", answer.text);
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, expected, "{provider}");
+        let usage = chunks.last().unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["prompt_tokens"], 7);
+        assert_eq!(usage["usage"]["completion_tokens"], 5);
+        assert!(usage["usage"]["cost_usd"].is_string());
+        assert!(
+            chunks
+                .iter()
+                .any(|c| c["choices"][0]["finish_reason"] == "stop")
+        );
+    }
+
+    // Without include_usage no usage chunk is sent.
+    let (_, key) = gw.tenant(json!({"llm": {"provider": "openai"}})).await;
+    gw.fake.push(Reply::text("Hi."));
+    let answer = gw.chat(&key, &hello(json!({"stream": true}))).await;
+    let events = events(&answer.text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\"")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_mid_stream_error_becomes_an_error_event() {
+    let gw = Gateway::start().await;
+    let (_, key) = gw.tenant(json!({"llm": {"provider": "openai"}})).await;
+    gw.fake.push(Reply::stream_error(1, "the model fell over"));
+    let answer = gw.chat(&key, &hello(json!({"stream": true}))).await;
+    assert_eq!(answer.status, 200);
+    let events = events(&answer.text);
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(error["error"]["message"].is_string(), "{}", answer.text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn provider_prefix_routes_to_that_provider() {
+    let gw = Gateway::start().await;
+    let (_, key) = gw
+        .tenant(json!({"llm": {"provider": "openai", "apiKey": TENANT_OPENAI_KEY}}))
+        .await;
+    let answer = gw
+        .chat(
+            &key,
+            &hello(json!({"model": "anthropic/claude-3-haiku-20240307"})),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.header("x-meta-chat-provider"), "anthropic");
+    assert_eq!(
+        answer.header("x-meta-chat-model"),
+        "claude-3-haiku-20240307"
+    );
+    let sent = gw.fake.requests_to("/v1/messages");
+    let sent = sent.last().unwrap();
+    assert_eq!(sent.body["model"], "claude-3-haiku-20240307");
+    assert_eq!(
+        sent.header("x-api-key"),
+        Some(SYSTEM_ANTHROPIC_KEY),
+        "the tenant's OpenAI key must not go to Anthropic"
+    );
+
+    // A bare model keeps the tenant's provider.
+    let answer = gw
+        .chat(&key, &hello(json!({"model": "gpt-4.1-nano"})))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.header("x-meta-chat-provider"), "openai");
+    assert_eq!(answer.header("x-meta-chat-model"), "gpt-4.1-nano");
+    assert_eq!(
+        gw.fake
+            .requests_to("/v1/chat/completions")
+            .last()
+            .unwrap()
+            .body["model"],
+        "gpt-4.1-nano"
+    );
+}
+
+#[tokio::test]
+async fn switching_provider_takes_effect_on_the_next_request() {
+    let gw = Gateway::start().await;
+    let (id, key) = gw.tenant(json!({"llm": {"provider": "openai"}})).await;
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.header("x-meta-chat-provider"), "openai");
+    let put = gw
+        .send(
+            reqwest::Method::PUT,
+            &format!("/api/tenants/{id}"),
+            Some(ADMIN_KEY),
+            Some(
+                json!({"settings": {"llm": {"provider": "ollama", "model": "llama3.1:8b"}}})
+                    .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text);
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.header("x-meta-chat-provider"), "ollama");
+    assert_eq!(answer.header("x-meta-chat-model"), "llama3.1:8b");
+    assert_eq!(
+        text_of(&answer.json()),
+        "You said: hello there",
+        "the fake echoes by default"
+    );
+}
+
+#[tokio::test]
+async fn upstream_failures_fall_back_but_invalid_requests_do_not() {
+    let gw = Gateway::start().await;
+    let (_, key) = gw
+        .tenant(json!({
+            "llm": {"provider": "openai", "model": "gpt-4o"},
+            "fallback": [{"provider": "anthropic", "model": "claude-3-haiku-20240307",
+                          "priority": 1, "apiKey": TENANT_ANTHROPIC_KEY}]
+        }))
+        .await;
+    gw.fake.push_all([
+        Reply::error(500, "internal failure"),
+        Reply::text("from the fallback"),
+    ]);
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.header("x-meta-chat-provider"), "anthropic");
+    assert_eq!(
+        answer.header("x-meta-chat-model"),
+        "claude-3-haiku-20240307"
+    );
+    assert_eq!(text_of(&answer.json()), "from the fallback");
+    assert_eq!(
+        gw.fake
+            .requests_to("/v1/messages")
+            .last()
+            .unwrap()
+            .header("x-api-key"),
+        Some(TENANT_ANTHROPIC_KEY)
+    );
+
+    let before = gw.fake.requests_to("/v1/messages").len();
+    gw.fake
+        .push(Reply::error_code(400, "invalid_value", "bad temperature"));
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "invalid_value");
+    assert_eq!(gw.fake.requests_to("/v1/messages").len(), before);
+}
+
+#[tokio::test]
+async fn upstream_errors_use_openai_statuses_without_keys() {
+    let gw = Gateway::start().await;
+    let (_, key) = gw
+        .tenant(json!({"llm": {"provider": "openai", "apiKey": TENANT_OPENAI_KEY}}))
+        .await;
+    gw.fake.push(Reply::error(
+        401,
+        format!("Incorrect API key provided: {TENANT_OPENAI_KEY}"),
+    ));
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 502, "{}", answer.text);
+    assert_eq!(
+        answer.json()["error"]["code"],
+        "upstream_authentication_error"
+    );
+    assert!(!answer.text.contains(TENANT_OPENAI_KEY));
+
+    gw.fake.push(Reply::rate_limited(9));
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 429, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(answer.header("retry-after"), "9");
+
+    gw.fake.push(Reply::error_code(
+        400,
+        "context_length_exceeded",
+        "too long",
+    ));
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "context_length_exceeded");
+}
+
+#[tokio::test]
+async fn bad_callers_are_refused() {
+    let gw = Gateway::start().await;
+    let answer = gw.chat(ADMIN_KEY, &hello(json!({}))).await;
+    assert_eq!(answer.status, 403, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "tenant_key_required");
+
+    let answer = gw
+        .send(
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            None,
+            Some(hello(json!({})).to_string()),
+        )
+        .await;
+    assert_eq!(answer.status, 401, "{}", answer.text);
+
+    let (_, key) = gw.tenant(json!({})).await;
+    let answer = gw
+        .send(
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            Some(&key),
+            Some("{not json".to_owned()),
+        )
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "invalid_json");
+    assert!(gw.fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn embeddings_follow_the_tenant_settings() {
+    let gw = Gateway::start().await;
+    // No embeddings settings: the EMBEDDINGS_* environment (OpenAI, system key).
+    let (_, key) = gw.tenant(json!({})).await;
+    let body = json!({"input": ["one", "two"], "model": "text-embedding-3-small"});
+    let answer = gw
+        .send(
+            reqwest::Method::POST,
+            "/v1/embeddings",
+            Some(&key),
+            Some(body.to_string()),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.header("x-meta-chat-provider"), "openai");
+    assert_eq!(answer.header("x-meta-chat-model"), "text-embedding-3-small");
+    let json = answer.json();
+    assert_eq!(json["object"], "list");
+    assert_eq!(json["data"].as_array().unwrap().len(), 2);
+    assert!(json["data"][1]["embedding"].is_array());
+    assert!(json["usage"]["cost_usd"].is_string());
+    let sent = gw.fake.requests_to("/v1/embeddings");
+    assert_eq!(
+        sent.last().unwrap().header("authorization"),
+        Some(format!("Bearer {SYSTEM_OPENAI_KEY}").as_str())
+    );
+
+    // The tenant's own embeddings provider.
+    let (_, key) = gw
+        .tenant(json!({"embeddings": {"provider": "ollama", "model": "nomic-embed-text"}}))
+        .await;
+    let answer = gw
+        .send(
+            reqwest::Method::POST,
+            "/v1/embeddings",
+            Some(&key),
+            Some(json!({"input": "hello"}).to_string()),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.header("x-meta-chat-provider"), "ollama");
+    assert_eq!(answer.header("x-meta-chat-model"), "nomic-embed-text");
+    assert_eq!(gw.fake.requests_to("/api/embed").len(), 1);
+}
+
+#[tokio::test]
+async fn models_lists_what_the_tenant_can_use() {
+    let gw = Gateway::start().await;
+    let (_, key) = gw
+        .tenant(json!({"llm": {"provider": "anthropic", "model": "claude-3-haiku-20240307"}}))
+        .await;
+    let answer = gw
+        .send(reqwest::Method::GET, "/v1/models", Some(&key), None)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let json = answer.json();
+    assert_eq!(json["object"], "list");
+    let ids: Vec<&str> = json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids[0], "anthropic/claude-3-haiku-20240307");
+    assert!(ids.contains(&"openai/gpt-4o-mini"), "{ids:?}");
+    assert!(!ids.iter().any(|id| id.contains("embedding")), "{ids:?}");
+    assert_eq!(json["data"][0]["owned_by"], "anthropic");
+
+    let answer = gw
+        .send(reqwest::Method::GET, "/v1/models", Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(answer.status, 403);
+}
