@@ -550,3 +550,117 @@ async fn models_lists_what_the_tenant_can_use() {
         .await;
     assert_eq!(answer.status, 403);
 }
+
+#[tokio::test]
+async fn test_llm_answers_with_content_latency_usage_and_cost() {
+    let gateway = Gateway::start().await;
+    // The admin tests the system configuration.
+    gateway.fake.push(Reply::text("4").with_usage(1000, 500));
+    let answer = gateway
+        .send(
+            reqwest::Method::POST,
+            "/api/test/llm",
+            Some(ADMIN_KEY),
+            Some(
+                json!({"provider": "openai", "prompt": "What is 2+2?", "model": "gpt-4o-mini"})
+                    .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let body = answer.json();
+    assert_eq!(body["provider"], "openai");
+    assert_eq!(body["model"], "gpt-4o-mini");
+    assert_eq!(body["content"], "4");
+    assert_eq!(
+        body["usage"],
+        json!({"inputTokens": 1000, "outputTokens": 500})
+    );
+    assert_eq!(body["costUsd"], "0.000450000");
+    assert!(body["latencyMs"].is_u64());
+    let sent = gateway.fake.requests_to("/v1/chat/completions");
+    assert_eq!(
+        sent.last().unwrap().header("authorization"),
+        Some(format!("Bearer {SYSTEM_OPENAI_KEY}").as_str())
+    );
+
+    // An upstream failure is an error envelope without the key; bad input is rejected.
+    gateway.fake.push(Reply::error(401, "bad key"));
+    let answer = gateway
+        .send(
+            reqwest::Method::POST,
+            "/api/test/llm",
+            Some(ADMIN_KEY),
+            Some(json!({"provider": "anthropic"}).to_string()),
+        )
+        .await;
+    assert_eq!(answer.status, 502, "{}", answer.text);
+    assert!(!answer.text.contains(SYSTEM_ANTHROPIC_KEY));
+    for body in [
+        json!({"provider": "gemini"}),
+        json!({"prompt": 5}),
+        json!({"colour": "blue"}),
+    ] {
+        let answer = gateway
+            .send(
+                reqwest::Method::POST,
+                "/api/test/llm",
+                Some(ADMIN_KEY),
+                Some(body.to_string()),
+            )
+            .await;
+        assert!(
+            matches!(answer.status, 400 | 422),
+            "{body}: {}",
+            answer.text
+        );
+    }
+    let answer = gateway
+        .send(
+            reqwest::Method::POST,
+            "/api/test/llm",
+            None,
+            Some("{}".into()),
+        )
+        .await;
+    assert_eq!(answer.status, 401);
+}
+
+#[tokio::test]
+async fn test_llm_uses_the_tenants_own_settings() {
+    let gateway = Gateway::start().await;
+    let (_, key) = gateway
+        .tenant(json!({"llm": {"provider": "anthropic", "model": "claude-3-haiku-20240307", "apiKey": TENANT_ANTHROPIC_KEY}}))
+        .await;
+    gateway.fake.push(Reply::text("Four.").with_usage(10, 2));
+    let answer = gateway
+        .send(
+            reqwest::Method::POST,
+            "/api/test/llm",
+            Some(&key),
+            Some("{}".into()),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let body = answer.json();
+    assert_eq!(body["provider"], "anthropic");
+    assert_eq!(body["content"], "Four.");
+    let sent = gateway.fake.requests_to("/v1/messages");
+    let last = sent.last().unwrap();
+    assert_eq!(last.header("x-api-key"), Some(TENANT_ANTHROPIC_KEY));
+    assert_eq!(last.body["model"], "claude-3-haiku-20240307");
+    assert!(!answer.text.contains(TENANT_ANTHROPIC_KEY));
+
+    // Another provider by name: the system key, never the tenant's Anthropic key.
+    let answer = gateway
+        .send(
+            reqwest::Method::POST,
+            "/api/test/llm",
+            Some(&key),
+            Some(json!({"provider": "ollama", "prompt": "Hi"}).to_string()),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json()["provider"], "ollama");
+    assert_eq!(answer.json()["content"], "You said: Hi");
+}

@@ -6,6 +6,7 @@ pub mod json;
 pub mod openai;
 pub mod openai_codec;
 pub mod tenants;
+pub mod test_llm;
 
 use std::sync::Arc;
 
@@ -41,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .merge(tenants::routes())
         .merge(openai::routes())
+        .merge(test_llm::routes())
         .fallback(not_found)
         // After every route: it applies to the method routers registered so far.
         .method_not_allowed_fallback(method_not_allowed)

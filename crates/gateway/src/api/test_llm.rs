@@ -1,0 +1,112 @@
+//! `POST /api/test/llm` (SPEC §4.3): one prompt to one provider, answered with the reply,
+//! latency, tokens and cost — the design's provider test, for the dashboard's "Send test
+//! prompt" button and for operators.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use meta_chat_llm::{CompletionRequest, Message, ProviderConfig, ProviderKind, create_provider};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::Caller;
+use super::json::JsonBody;
+use super::openai::{Failure, llm_error};
+use crate::routing;
+
+/// The routes of this module.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/api/test/llm", post(test_llm))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TestRequest {
+    /// The provider; the caller's default when absent.
+    #[serde(default)]
+    provider: Option<ProviderKind>,
+    /// The prompt; "What is 2+2?" when absent.
+    #[serde(default)]
+    prompt: Option<String>,
+    /// The model; the provider's configured one when absent.
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// A tenant's call goes through its own settings (its key for its own provider, the system
+/// key for others); the admin's through the system configuration.
+async fn test_llm(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<TestRequest>,
+) -> Result<axum::Json<Value>, Failure> {
+    let env = &state.config.llm;
+    let config = match &caller {
+        Caller::Tenant(tenant) => {
+            let settings = state.tenants.open(tenant).map_err(|error| {
+                tracing::error!(tenant = %tenant.id, %error, "cannot open the tenant's settings");
+                super::error::ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "cannot read the tenant's settings",
+                )
+            })?;
+            let tenant_provider = settings
+                .llm
+                .as_ref()
+                .and_then(|l| l.provider)
+                .unwrap_or(env.default_provider);
+            let spec = match (request.provider, &request.model) {
+                (Some(provider), Some(model)) => Some(format!("{provider}/{model}")),
+                (Some(provider), None) if provider != tenant_provider => {
+                    Some(format!("{provider}/{}", env.config(provider).model))
+                }
+                (_, model) => model.clone(),
+            };
+            routing::provider_config(env, &settings, spec.as_deref())?.0
+        }
+        Caller::Admin => {
+            let provider = request.provider.unwrap_or(env.default_provider);
+            let mut config: ProviderConfig = env.config(provider).clone();
+            if let Some(model) = &request.model {
+                config.model.clone_from(model);
+            }
+            config
+        }
+    };
+    let secrets: Vec<String> = config
+        .api_key
+        .iter()
+        .map(|k| k.expose_secret().to_owned())
+        .collect();
+    let provider = create_provider(config).map_err(|e| llm_error(&e, &secrets))?;
+    let prompt = request
+        .prompt
+        .filter(|p| !p.trim().is_empty())
+        .unwrap_or_else(|| "What is 2+2?".to_owned());
+    let started = Instant::now();
+    let response = provider
+        .complete(&CompletionRequest::new(vec![Message::user(prompt)]))
+        .await
+        .map_err(|e| llm_error(&e, &secrets))?;
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let cost = env
+        .prices
+        .cost(response.provider, &response.model, response.usage);
+    Ok(axum::Json(json!({
+        "provider": response.provider,
+        "model": response.model,
+        "content": response.message.content,
+        "latencyMs": latency_ms,
+        "usage": {
+            "inputTokens": response.usage.input_tokens,
+            "outputTokens": response.usage.output_tokens,
+        },
+        "costUsd": cost.usd_string(),
+        "priced": cost.priced,
+    })))
+}
