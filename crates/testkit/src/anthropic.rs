@@ -81,17 +81,9 @@ pub(crate) async fn messages(
             status,
             content_type,
             body,
-        } => Rendered::Raw {
-            status: *status,
-            content_type: content_type.clone(),
-            body: Bytes::from(body.clone()),
-        },
+        } => Rendered::raw(*status, content_type, body),
         ReplyKind::Hang | ReplyKind::Echo | ReplyKind::Text(_) | ReplyKind::ToolCalls { .. } => {
-            let (text, calls) = match &reply.kind {
-                ReplyKind::Text(text) => (text.clone(), Vec::new()),
-                ReplyKind::ToolCalls { text, calls } => (text.clone(), calls.clone()),
-                _ => (echo(&last_user_text(request)), Vec::new()),
-            };
+            let (text, calls) = reply.answer(|| last_user_text(request));
             let answer = Answer::new(reply, request);
             if stream {
                 answer.stream(&text, &calls)

@@ -276,6 +276,19 @@ impl Reply {
         })
     }
 
+    /// What the fake model says: its text and tool calls (an echo of `last_user_text` for
+    /// [`ReplyKind::Echo`] and anything that is not an answer).
+    pub(crate) fn answer(
+        &self,
+        last_user_text: impl FnOnce() -> String,
+    ) -> (String, Vec<FakeToolCall>) {
+        match &self.kind {
+            ReplyKind::Text(text) => (text.clone(), Vec::new()),
+            ReplyKind::ToolCalls { text, calls } => (text.clone(), calls.clone()),
+            _ => (echo(&last_user_text()), Vec::new()),
+        }
+    }
+
     /// The unified finish reason of this reply.
     pub(crate) fn finish_reason(&self) -> &str {
         match (&self.finish, &self.kind) {
@@ -510,6 +523,17 @@ pub(crate) enum Rendered {
         content_type: String,
         body: Bytes,
     },
+}
+
+impl Rendered {
+    /// Exactly this status, content type and body ([`ReplyKind::Raw`]).
+    pub(crate) fn raw(status: u16, content_type: &str, body: &str) -> Self {
+        Self::Raw {
+            status,
+            content_type: content_type.to_owned(),
+            body: Bytes::from(body.to_owned()),
+        }
+    }
 }
 
 /// Turns a dialect's rendering into the HTTP response, applying hang, delays, drops and

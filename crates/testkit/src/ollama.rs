@@ -230,9 +230,9 @@ fn render_chat(request: &Value, reply: &Reply) -> Rendered {
         .unwrap_or(true);
     let model = reply.model_for(request);
     let (text, calls) = match &reply.kind {
-        ReplyKind::Echo | ReplyKind::Hang => (echo(last_user_text(request)), Vec::new()),
-        ReplyKind::Text(text) => (text.clone(), Vec::new()),
-        ReplyKind::ToolCalls { text, calls } => (text.clone(), calls.clone()),
+        ReplyKind::Echo | ReplyKind::Hang | ReplyKind::Text(_) | ReplyKind::ToolCalls { .. } => {
+            reply.answer(|| last_user_text(request).to_owned())
+        }
         ReplyKind::Error {
             status, message, ..
         } => return error(*status, message.clone()),
@@ -276,11 +276,7 @@ fn render_chat(request: &Value, reply: &Reply) -> Rendered {
             content_type,
             body,
         } => {
-            return Rendered::Raw {
-                status: *status,
-                content_type: content_type.clone(),
-                body: Bytes::from(body.clone()),
-            };
+            return Rendered::raw(*status, content_type, body);
         }
     };
     let usage = reply.usage_for(request, &text);
@@ -339,11 +335,7 @@ fn render_embed(request: &Value, reply: &Reply) -> Rendered {
             content_type,
             body,
         } => {
-            return Rendered::Raw {
-                status: *status,
-                content_type: content_type.clone(),
-                body: Bytes::from(body.clone()),
-            };
+            return Rendered::raw(*status, content_type, body);
         }
         ReplyKind::Echo | ReplyKind::Hang | ReplyKind::Text(_) | ReplyKind::ToolCalls { .. } => {}
     }

@@ -85,17 +85,9 @@ pub(crate) async fn chat(
             status,
             content_type,
             body,
-        } => Rendered::Raw {
-            status: *status,
-            content_type: content_type.clone(),
-            body: Bytes::from(body.clone()),
-        },
+        } => Rendered::raw(*status, content_type, body),
         ReplyKind::Hang | ReplyKind::Echo | ReplyKind::Text(_) | ReplyKind::ToolCalls { .. } => {
-            let (text, calls) = match &reply.kind {
-                ReplyKind::Text(text) => (text.clone(), Vec::new()),
-                ReplyKind::ToolCalls { text, calls } => (text.clone(), calls.clone()),
-                _ => (echo(&last_user_text(request)), Vec::new()),
-            };
+            let (text, calls) = reply.answer(|| last_user_text(request));
             let chat = Chat::new(reply, request);
             if stream {
                 chat.stream(&text, &calls, include_usage && reply.stream_usage)
@@ -154,11 +146,7 @@ pub(crate) async fn embeddings(
             status,
             content_type,
             body,
-        } => Rendered::Raw {
-            status: *status,
-            content_type: content_type.clone(),
-            body: Bytes::from(body.clone()),
-        },
+        } => Rendered::raw(*status, content_type, body),
         ReplyKind::Hang | ReplyKind::Echo | ReplyKind::Text(_) | ReplyKind::ToolCalls { .. } => {
             let dimensions = request
                 .get("dimensions")
