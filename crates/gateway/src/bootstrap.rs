@@ -10,6 +10,7 @@ use crate::api::AppState;
 use crate::config::{Config, DatabaseKind};
 use crate::crypto::{self, Cipher, CryptoError};
 use crate::store::{self, Store, StoreError};
+use crate::tenant_cache::TenantCache;
 use crate::tenants::Tenants;
 
 /// Why start-up failed.
@@ -139,11 +140,15 @@ pub async fn app_state(config: Config) -> Result<(AppState, AdminKey), StartupEr
     let cipher = open_cipher(&config)?;
     let store = open_store(&config).await?;
     let admin_key = ensure_admin_key(store.as_ref(), &config).await?;
-    let tenants = Tenants::new(Arc::clone(&store), Arc::new(cipher));
+    let tenant_cache = TenantCache::new(Arc::clone(&store));
+    tenant_cache.spawn_refresh();
+    let tenants =
+        Tenants::new(Arc::clone(&store), Arc::new(cipher)).with_cache(Arc::clone(&tenant_cache));
     let state = AppState {
         config: Arc::new(config),
         store,
         tenants,
+        tenant_cache,
         admin_key_hash: Arc::new(admin_key.hash.clone()),
     };
     Ok((state, admin_key))

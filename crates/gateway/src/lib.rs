@@ -8,4 +8,5 @@ pub mod crypto;
 pub mod routing;
 pub mod settings;
 pub mod store;
+pub mod tenant_cache;
 pub mod tenants;

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::crypto::{self, Cipher, CryptoError};
 use crate::settings::{SettingsError, TenantSettings};
 use crate::store::{NewTenant, Store, StoreError, Tenant};
+use crate::tenant_cache::TenantCache;
 
 /// What can go wrong managing tenants.
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +74,30 @@ pub struct TenantWithKey {
 pub struct Tenants {
     store: Arc<dyn Store>,
     cipher: Arc<Cipher>,
+    cache: Option<Arc<TenantCache>>,
 }
 
 impl Tenants {
     /// Tenant operations on this store, with this cipher for provider keys.
     pub fn new(store: Arc<dyn Store>, cipher: Arc<Cipher>) -> Self {
-        Self { store, cipher }
+        Self {
+            store,
+            cipher,
+            cache: None,
+        }
+    }
+
+    /// Applies every change made through these operations to `cache` at once, so this replica
+    /// uses new settings, keys and deletions from its very next request.
+    pub fn with_cache(mut self, cache: Arc<TenantCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    fn cached(&self, tenant: &Tenant) {
+        if let Some(cache) = &self.cache {
+            cache.apply(tenant.clone());
+        }
     }
 
     /// Creates a tenant with a fresh API key.
@@ -139,6 +158,7 @@ impl Tenants {
         settings.validate()?;
         let stored = self.seal(id, settings)?;
         let tenant = self.store.update_settings(id, stored).await?;
+        self.cached(&tenant);
         self.view(&tenant)
     }
 
@@ -149,15 +169,20 @@ impl Tenants {
             .store
             .rotate_key(id, &crypto::hash_api_key(&api_key))
             .await?;
+        self.cached(&tenant);
         Ok(TenantWithKey {
             tenant: self.view(&tenant)?,
             api_key,
         })
     }
 
-    /// Deletes a tenant.
+    /// Deletes a tenant; its key stops working.
     pub async fn delete(&self, id: &str) -> Result<(), TenantError> {
-        Ok(self.store.delete_tenant(id).await?)
+        self.store.delete_tenant(id).await?;
+        if let Some(cache) = &self.cache {
+            cache.remove(id);
+        }
+        Ok(())
     }
 
     /// The tenant's settings with provider keys decrypted, for calling its providers. Keep

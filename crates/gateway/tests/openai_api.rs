@@ -664,3 +664,48 @@ async fn test_llm_uses_the_tenants_own_settings() {
     assert_eq!(answer.json()["provider"], "ollama");
     assert_eq!(answer.json()["content"], "You said: Hi");
 }
+
+#[tokio::test]
+async fn overhead_header_excludes_the_time_spent_upstream() {
+    let gw = Gateway::start().await;
+    let (_, key) = gw
+        .tenant(json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
+        .await;
+    let overhead = |answer: &Answer| -> f64 {
+        let value = answer.header("x-meta-chat-overhead-ms");
+        let ms: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {value}"));
+        assert!(ms >= 0.0, "{value}");
+        ms
+    };
+    gw.fake.push(Reply::text("Four."));
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    overhead(&answer);
+
+    // The upstream waits 600 ms before its first frame (and so before the gateway can answer);
+    // that wait is not the gateway's.
+    gw.fake.push(
+        Reply::text("one two three")
+            .in_chunks(2)
+            .with_chunk_delay(std::time::Duration::from_millis(600)),
+    );
+    let started = std::time::Instant::now();
+    let answer = gw.chat(&key, &hello(json!({"stream": true}))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(600));
+    let ms = overhead(&answer);
+    assert!(ms < 600.0, "the upstream's wait was counted: {ms} ms");
+
+    let answer = gw
+        .send(
+            reqwest::Method::POST,
+            "/v1/embeddings",
+            Some(&key),
+            Some(json!({"input": "hi", "model": "text-embedding-3-small"}).to_string()),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    overhead(&answer);
+}

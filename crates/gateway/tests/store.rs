@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use chrono::{TimeDelta, Utc};
 use meta_chat::store::{
-    NewTenant, PostgresStore, SqliteStore, Store, StoreError, connect_store, sqlite_file_path,
+    NewTenant, PostgresStore, SqliteStore, Store, StoreError, Tenant, connect_store,
+    sqlite_file_path,
 };
+use meta_chat::tenant_cache::TenantCache;
 use serde_json::json;
 
 /// One backend under test. Fields drop in order: the store's pool closes before the schema goes.
@@ -339,6 +341,55 @@ async fn delete_tenant_then_not_found() {
 }
 
 #[tokio::test]
+async fn deletions_are_reported_since_a_mark() {
+    each_backend(|backend, store| async move {
+        store
+            .create_tenant(new_tenant("t1", "hash-1"))
+            .await
+            .unwrap();
+        store
+            .create_tenant(new_tenant("t2", "hash-2"))
+            .await
+            .unwrap();
+        let before = Utc::now() - TimeDelta::seconds(1);
+        assert!(
+            store
+                .tenant_deletions_since(before)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{backend}"
+        );
+        store.delete_tenant("t1").await.unwrap();
+        assert_eq!(
+            store.tenant_deletions_since(before).await.unwrap(),
+            ["t1"],
+            "{backend}"
+        );
+        let later = Utc::now() + TimeDelta::seconds(1);
+        assert!(
+            store
+                .tenant_deletions_since(later)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{backend}"
+        );
+        // A failed deletion leaves no tombstone.
+        assert!(matches!(
+            store.delete_tenant("nope").await,
+            Err(StoreError::NotFound)
+        ));
+        assert_eq!(
+            store.tenant_deletions_since(before).await.unwrap(),
+            ["t1"],
+            "{backend}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn tenants_updated_since_returns_recent_changes() {
     each_backend(|backend, store| async move {
         store
@@ -486,4 +537,59 @@ async fn unknown_url_scheme_is_a_clear_error() {
 
     let err = connect_store("meta-chat.db").await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn tenant_cache_follows_changes_made_by_another_replica() {
+    each_backend(|backend, store| async move {
+        // Two replicas' caches over one database; changes are made behind their backs.
+        let cache = TenantCache::new(Arc::clone(&store));
+        store
+            .create_tenant(new_tenant("t1", "hash-1"))
+            .await
+            .unwrap();
+        let first = cache.get("hash-1").await.unwrap().unwrap();
+        assert_eq!(first.id, "t1", "{backend}");
+        assert!(cache.get("hash-unknown").await.unwrap().is_none());
+
+        let mark = Utc::now() - TimeDelta::seconds(1);
+        let updated = store
+            .update_settings("t1", json!({"llm": {"provider": "anthropic"}}))
+            .await
+            .unwrap();
+        // Served from memory until a refresh brings the change.
+        assert_eq!(
+            cache.get("hash-1").await.unwrap().unwrap().settings,
+            first.settings
+        );
+        assert_eq!(cache.refresh(mark).await.unwrap(), 1, "{backend}");
+        assert_eq!(
+            cache.get("hash-1").await.unwrap().unwrap().settings,
+            updated.settings,
+            "{backend}"
+        );
+
+        // An older version arriving late (a lookup that raced the change) does not win.
+        cache.apply(Tenant::clone(&first));
+        assert_eq!(
+            cache.get("hash-1").await.unwrap().unwrap().updated_at,
+            updated.updated_at,
+            "{backend}"
+        );
+
+        store.rotate_key("t1", "hash-2").await.unwrap();
+        cache.refresh(mark).await.unwrap();
+        assert!(cache.get("hash-1").await.unwrap().is_none(), "{backend}");
+        assert_eq!(
+            cache.get("hash-2").await.unwrap().unwrap().id,
+            "t1",
+            "{backend}"
+        );
+
+        store.delete_tenant("t1").await.unwrap();
+        cache.refresh(mark).await.unwrap();
+        assert!(cache.get("hash-2").await.unwrap().is_none(), "{backend}");
+        assert!(cache.is_empty(), "{backend}");
+    })
+    .await;
 }

@@ -10,6 +10,7 @@ use crate::error::{LlmError, Result};
 use crate::pricing::PriceTable;
 use crate::provider::LlmProvider;
 use crate::providers::{AnthropicProvider, OllamaProvider, OpenAiProvider};
+use crate::redact::Redacted;
 use crate::retry::{RetryPolicy, Retrying};
 use crate::types::ProviderKind;
 
@@ -119,13 +120,25 @@ pub fn normalize_base_url(url: &str) -> String {
 }
 
 /// Builds a provider from its configuration, wrapped in the configured retry and timeout
-/// policy. This is the design's `createLLMProvider(config)`.
+/// policy, with its API key redacted from every error it returns ([`Redacted`]), so retries,
+/// fallbacks and callers can log errors freely. This is the design's
+/// `createLLMProvider(config)`.
 pub fn create_provider(config: ProviderConfig) -> Result<Box<dyn LlmProvider>> {
     let retry = config.retry;
+    let key = config.api_key.clone();
     Ok(match config.provider {
-        ProviderKind::OpenAi => Box::new(Retrying::new(OpenAiProvider::new(config)?, retry)),
-        ProviderKind::Anthropic => Box::new(Retrying::new(AnthropicProvider::new(config)?, retry)),
-        ProviderKind::Ollama => Box::new(Retrying::new(OllamaProvider::new(config)?, retry)),
+        ProviderKind::OpenAi => Box::new(Retrying::new(
+            Redacted::new(OpenAiProvider::new(config)?, key),
+            retry,
+        )),
+        ProviderKind::Anthropic => Box::new(Retrying::new(
+            Redacted::new(AnthropicProvider::new(config)?, key),
+            retry,
+        )),
+        ProviderKind::Ollama => Box::new(Retrying::new(
+            Redacted::new(OllamaProvider::new(config)?, key),
+            retry,
+        )),
     })
 }
 

@@ -43,6 +43,7 @@ mod http;
 pub mod pricing;
 pub mod provider;
 pub mod providers;
+pub mod redact;
 pub mod retry;
 pub mod types;
 
@@ -52,5 +53,6 @@ pub use fallback::{FailedAttempt, FallbackChain, FallbackEntry, FallbackExhauste
 pub use http::install_crypto_provider;
 pub use pricing::{Cost, ModelPrice, PriceTable};
 pub use provider::{ChunkStream, LlmProvider};
+pub use redact::Redacted;
 pub use retry::{RetryPolicy, Retrying};
 pub use types::*;

@@ -5,6 +5,8 @@
 //! looked up by its hash, so the database never sees a key and a lookup reveals nothing about
 //! near misses. No error message contains the presented key.
 
+use std::sync::Arc;
+
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -24,7 +26,7 @@ pub enum Caller {
     /// The admin key: may do everything.
     Admin,
     /// A tenant key: may touch only this tenant (as stored: settings still encrypted).
-    Tenant(Tenant),
+    Tenant(Arc<Tenant>),
 }
 
 impl Caller {
@@ -124,18 +126,13 @@ pub fn presented_key(headers: &HeaderMap) -> Result<&str, ApiError> {
 /// Who `key` belongs to: the admin, a tenant, or nobody (401 `invalid_api_key`); 503 when the
 /// store cannot answer.
 ///
-/// This is the seam for a tenant cache: a cache keyed by the key's hash (refreshed from
-/// [`crate::store::Store::tenants_updated_since`] so settings changes and key rotations reach
-/// every replica within a second) wraps this function, and every extractor goes through it.
+/// Tenants come from the [`crate::tenant_cache::TenantCache`]: a map lookup for a key seen
+/// before, a database query for a new one.
 pub async fn authenticate(state: &AppState, key: &str) -> Result<Caller, ApiError> {
     if crypto::verify_api_key(key, &state.admin_key_hash) {
         return Ok(Caller::Admin);
     }
-    match state
-        .store
-        .tenant_by_key_hash(&crypto::hash_api_key(key))
-        .await
-    {
+    match state.tenant_cache.get(&crypto::hash_api_key(key)).await {
         Ok(Some(tenant)) => Ok(Caller::Tenant(tenant)),
         Ok(None) => Err(invalid_api_key()),
         Err(error) => {
@@ -233,7 +230,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
         };
-        let caller = Caller::Tenant(tenant);
+        let caller = Caller::Tenant(Arc::new(tenant));
         assert!(caller.require_tenant_access("a").is_ok());
         assert_eq!(
             caller.require_tenant_access("b").unwrap_err().code,

@@ -18,6 +18,7 @@ use axum::routing::get;
 
 use crate::config::Config;
 use crate::store::Store;
+use crate::tenant_cache::TenantCache;
 use crate::tenants::Tenants;
 use error::ApiError;
 
@@ -30,6 +31,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Tenant operations (settings validation, secrets).
     pub tenants: Tenants,
+    /// Tenants by API key hash, for authenticating requests without a database query.
+    pub tenant_cache: Arc<TenantCache>,
     /// SHA-256 hex of the admin API key (see [`crate::bootstrap::ensure_admin_key`]).
     pub admin_key_hash: Arc<String>,
 }

@@ -7,13 +7,16 @@
 //! gateway key is wrong. No message ever contains a provider key.
 
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
@@ -45,6 +48,9 @@ pub const CACHE_HEADER: &str = "x-meta-chat-cache";
 pub const COST_HEADER: &str = "x-meta-chat-cost-usd";
 /// The gateway's id for the request (a UUID v7).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Milliseconds the request spent in the gateway, waits on upstreams excluded (for a stream:
+/// until the response headers were sent).
+pub const OVERHEAD_HEADER: &str = "x-meta-chat-overhead-ms";
 
 /// The routes of this module.
 pub fn routes() -> Router<AppState> {
@@ -52,6 +58,44 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn(stamp_arrival))
+}
+
+/// When the request reached the gateway, before authentication and body parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub Instant);
+
+/// Stamps each request with its [`Arrival`].
+pub async fn stamp_arrival(mut request: Request, next: Next) -> Response {
+    request.extensions_mut().insert(Arrival(Instant::now()));
+    next.run(request).await
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Arrival {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(parts
+            .extensions
+            .get::<Self>()
+            .copied()
+            .unwrap_or_else(|| Self(Instant::now())))
+    }
+}
+
+impl Arrival {
+    /// Time since arrival minus `upstream`, the time spent waiting on providers.
+    pub fn overhead(self, upstream: Duration) -> Duration {
+        self.0.elapsed().saturating_sub(upstream)
+    }
+}
+
+/// Runs `future` and adds how long it took to `upstream`.
+async fn timed<T>(upstream: &mut Duration, future: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let value = future.await;
+    *upstream += started.elapsed();
+    value
 }
 
 /// An error answer, with the `Retry-After` the upstream asked for.
@@ -85,7 +129,7 @@ impl IntoResponse for Failure {
 }
 
 /// The calling tenant; 403 `tenant_key_required` for the admin key.
-fn require_tenant(caller: Caller) -> Result<Tenant, ApiError> {
+fn require_tenant(caller: Caller) -> Result<Arc<Tenant>, ApiError> {
     match caller {
         Caller::Tenant(tenant) => Ok(tenant),
         Caller::Admin => Err(ApiError::new(
@@ -139,6 +183,7 @@ fn open_settings(state: &AppState, tenant: &Tenant) -> Result<TenantSettings, Ap
 
 async fn embeddings(
     State(state): State<AppState>,
+    arrival: Arrival,
     caller: Caller,
     RawBody(body): RawBody,
 ) -> Result<Response, Failure> {
@@ -155,8 +200,8 @@ async fn embeddings(
     let provider_kind = config.provider;
     let model = config.embedding_model.clone().unwrap_or_default();
     let provider = create_provider(config).map_err(|e| llm_error(&e, &secrets))?;
-    let response = provider
-        .embed(&parsed.request)
+    let mut upstream = Duration::ZERO;
+    let response = timed(&mut upstream, provider.embed(&parsed.request))
         .await
         .map_err(|e| llm_error(&e, &secrets))?;
     let cost = state
@@ -178,6 +223,7 @@ async fn embeddings(
         &model,
         Some(&cost),
         uuid::Uuid::now_v7(),
+        arrival.overhead(upstream),
     );
     Ok(answer)
 }
@@ -221,6 +267,7 @@ async fn models(State(state): State<AppState>, caller: Caller) -> Result<Respons
 
 async fn chat_completions(
     State(state): State<AppState>,
+    arrival: Arrival,
     caller: Caller,
     RawBody(body): RawBody,
 ) -> Result<Response, Failure> {
@@ -234,11 +281,10 @@ async fn chat_completions(
     let request_id = uuid::Uuid::now_v7();
     let completion_id = format!("chatcmpl-{}", request_id.simple());
     let created = chrono::Utc::now().timestamp();
+    let mut upstream = Duration::ZERO;
 
     if parsed.stream {
-        let served = routed
-            .chain
-            .stream_served(&parsed.request)
+        let served = timed(&mut upstream, routed.chain.stream_served(&parsed.request))
             .await
             .map_err(|e| exhausted(e, &routed.secrets))?;
         let body = sse_body(
@@ -266,13 +312,12 @@ async fn chat_completions(
             &served.model,
             None,
             request_id,
+            arrival.overhead(upstream),
         );
         return Ok(response);
     }
 
-    let served = routed
-        .chain
-        .complete_served(&parsed.request)
+    let served = timed(&mut upstream, routed.chain.complete_served(&parsed.request))
         .await
         .map_err(|e| exhausted(e, &routed.secrets))?;
     let cost = state
@@ -300,6 +345,7 @@ async fn chat_completions(
         &served.model,
         Some(&cost),
         request_id,
+        arrival.overhead(upstream),
     );
     Ok(response)
 }
@@ -310,6 +356,7 @@ fn set_headers(
     model: &str,
     cost: Option<&str>,
     request_id: uuid::Uuid,
+    overhead: Duration,
 ) {
     let headers = response.headers_mut();
     let mut put = |name: &'static str, value: &str| {
@@ -324,6 +371,10 @@ fn set_headers(
         put(COST_HEADER, cost);
     }
     put(REQUEST_ID_HEADER, &request_id.to_string());
+    put(
+        OVERHEAD_HEADER,
+        &format!("{:.3}", overhead.as_secs_f64() * 1000.0),
+    );
 }
 
 /// What the end of a stream needs to price it.

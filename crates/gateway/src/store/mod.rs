@@ -139,6 +139,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// previous poll's newest one is not missed.
     async fn tenants_updated_since(&self, since: DateTime<Utc>) -> Result<Vec<Tenant>, StoreError>;
 
+    /// Ids of tenants deleted at or after `since` (kept for [`TOMBSTONE_LIFETIME`]), so a
+    /// replica's tenant cache drops them.
+    async fn tenant_deletions_since(&self, since: DateTime<Utc>)
+    -> Result<Vec<String>, StoreError>;
+
     /// Every tenant's id and settings, for re-encrypting secrets under a new key (write back with
     /// [`Store::update_settings`]).
     async fn all_tenant_settings(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
@@ -187,6 +192,9 @@ fn now() -> DateTime<Utc> {
 fn next_updated_at(previous: DateTime<Utc>) -> DateTime<Utc> {
     now().max(previous + chrono::TimeDelta::microseconds(1))
 }
+
+/// How long the record of a deleted tenant is kept for replicas to notice the deletion.
+pub const TOMBSTONE_LIFETIME: chrono::TimeDelta = chrono::TimeDelta::days(1);
 
 /// Key of the admin API key hash in the `system` table.
 const ADMIN_KEY_HASH: &str = "admin_key_hash";

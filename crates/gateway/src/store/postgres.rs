@@ -11,14 +11,22 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::{
-    ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, Tenant, db_err, migrator, now,
+    ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
+    db_err, migrator, now,
 };
 
-const MIGRATIONS: &[EmbeddedMigration] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[EmbeddedMigration] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "tenant deletions",
+        include_str!("../../migrations/postgres/0002_tenant_deletions.sql"),
+    ),
+];
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATIONS));
 
@@ -190,15 +198,47 @@ impl Store for PostgresStore {
     }
 
     async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
         let result = sqlx::query("DELETE FROM tenants WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
         if result.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        let deleted_at = now();
+        sqlx::query(
+            "INSERT INTO tenant_deletions (tenant_id, deleted_at) VALUES ($1, $2) \
+             ON CONFLICT (tenant_id) DO UPDATE SET deleted_at = excluded.deleted_at",
+        )
+        .bind(id)
+        .bind(deleted_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query("DELETE FROM tenant_deletions WHERE deleted_at < $1")
+            .bind(deleted_at - TOMBSTONE_LIFETIME)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn tenant_deletions_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id FROM tenant_deletions WHERE deleted_at >= $1 ORDER BY deleted_at",
+        )
+        .bind(since.trunc_subsecs(6))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| row.try_get("tenant_id").map_err(db_err))
+            .collect()
     }
 
     async fn tenants_updated_since(&self, since: DateTime<Utc>) -> Result<Vec<Tenant>, StoreError> {

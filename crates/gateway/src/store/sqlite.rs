@@ -15,15 +15,22 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, Tenant, db_err, migrator,
-    next_updated_at, now,
+    ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
+    db_err, migrator, next_updated_at, now,
 };
 
-const MIGRATIONS: &[EmbeddedMigration] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[EmbeddedMigration] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "tenant deletions",
+        include_str!("../../migrations/sqlite/0002_tenant_deletions.sql"),
+    ),
+];
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATIONS));
 
@@ -262,15 +269,51 @@ impl Store for SqliteStore {
     }
 
     async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
+        let mut tx: Transaction<'static, Sqlite> = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
         let result = sqlx::query("DELETE FROM tenants WHERE id = ?1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
         if result.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        let deleted_at = now();
+        sqlx::query(
+            "INSERT INTO tenant_deletions (tenant_id, deleted_at) VALUES (?1, ?2) \
+             ON CONFLICT (tenant_id) DO UPDATE SET deleted_at = excluded.deleted_at",
+        )
+        .bind(id)
+        .bind(format_ts(deleted_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query("DELETE FROM tenant_deletions WHERE deleted_at < ?1")
+            .bind(format_ts(deleted_at - TOMBSTONE_LIFETIME))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn tenant_deletions_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id FROM tenant_deletions WHERE deleted_at >= ?1 ORDER BY deleted_at",
+        )
+        .bind(format_ts(since.trunc_subsecs(6)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| row.try_get("tenant_id").map_err(db_err))
+            .collect()
     }
 
     async fn tenants_updated_since(&self, since: DateTime<Utc>) -> Result<Vec<Tenant>, StoreError> {
