@@ -4,157 +4,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+mod common;
 
-use meta_chat::bootstrap;
-use meta_chat::config::Config;
-use meta_chat_testkit::{FakeServer, Reply};
+use common::{
+    ADMIN_KEY, Answer, Gateway, SYSTEM_ANTHROPIC_KEY, SYSTEM_OPENAI_KEY, TENANT_ANTHROPIC_KEY,
+    TENANT_OPENAI_KEY, events, hello,
+};
+use meta_chat_testkit::Reply;
 use serde_json::{Value, json};
-
-const ADMIN_KEY: &str = "admin-key-for-tests-0123456789abcdef";
-const SYSTEM_OPENAI_KEY: &str = "sk-system-openai-0000";
-const SYSTEM_ANTHROPIC_KEY: &str = "sk-system-anthropic-0000";
-const TENANT_OPENAI_KEY: &str = "sk-tenant-openai-1111";
-const TENANT_ANTHROPIC_KEY: &str = "sk-tenant-anthropic-2222";
-
-struct Gateway {
-    base: String,
-    client: reqwest::Client,
-    fake: FakeServer,
-    _dir: tempfile::TempDir,
-}
-
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text)
-            .unwrap_or_else(|e| panic!("{} answer is not JSON ({e}): {}", self.status, self.text))
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name} header"))
-            .to_str()
-            .unwrap()
-    }
-}
-
-impl Gateway {
-    async fn start() -> Self {
-        meta_chat_llm::install_crypto_provider();
-        let fake = FakeServer::start().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut vars = BTreeMap::new();
-        for (name, value) in [
-            (
-                "DATABASE_URL",
-                format!("sqlite://{}", dir.path().join("t.db").display()),
-            ),
-            ("ADMIN_API_KEY", ADMIN_KEY.to_owned()),
-            ("OPENAI_BASE_URL", fake.url()),
-            ("ANTHROPIC_BASE_URL", fake.url()),
-            ("OLLAMA_BASE_URL", fake.url()),
-            ("OPENAI_API_KEY", SYSTEM_OPENAI_KEY.to_owned()),
-            ("ANTHROPIC_API_KEY", SYSTEM_ANTHROPIC_KEY.to_owned()),
-            ("LLM_MAX_RETRIES", "0".to_owned()),
-            ("LLM_TIMEOUT", "5000".to_owned()),
-        ] {
-            vars.insert(name.to_owned(), value);
-        }
-        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-        let (state, _) = bootstrap::app_state(config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, meta_chat::api::router(state))
-                .await
-                .unwrap();
-        });
-        Self {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
-            fake,
-            _dir: dir,
-        }
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<String>,
-    ) -> Answer {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body);
-        }
-        let response = request.send().await.unwrap();
-        Answer {
-            status: response.status().as_u16(),
-            headers: response.headers().clone(),
-            text: response.text().await.unwrap(),
-        }
-    }
-
-    async fn chat(&self, key: &str, body: &Value) -> Answer {
-        self.send(
-            reqwest::Method::POST,
-            "/v1/chat/completions",
-            Some(key),
-            Some(body.to_string()),
-        )
-        .await
-    }
-
-    /// Creates a tenant; returns (id, tenant key).
-    async fn tenant(&self, settings: Value) -> (String, String) {
-        let answer = self
-            .send(
-                reqwest::Method::POST,
-                "/api/tenants",
-                Some(ADMIN_KEY),
-                Some(json!({"name": "t", "settings": settings}).to_string()),
-            )
-            .await;
-        assert_eq!(answer.status, 201, "{}", answer.text);
-        let body = answer.json();
-        (
-            body["id"].as_str().unwrap().to_owned(),
-            body["apiKey"].as_str().unwrap().to_owned(),
-        )
-    }
-}
-
-fn hello(extra: Value) -> Value {
-    let mut body = json!({"messages": [{"role": "user", "content": "hello there"}]});
-    if let (Value::Object(map), Value::Object(more)) = (&mut body, extra) {
-        map.extend(more);
-    }
-    body
-}
 
 fn text_of(body: &Value) -> &str {
     body["choices"][0]["message"]["content"].as_str().unwrap()
-}
-
-/// The `data:` payloads of an SSE body.
-fn events(text: &str) -> Vec<String> {
-    text.split("\n\n")
-        .filter_map(|event| event.trim().strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
 }
 
 #[tokio::test]

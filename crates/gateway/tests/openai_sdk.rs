@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use async_openai::Client;
@@ -26,82 +28,19 @@ use async_openai::types::chat::{
     CreateChatCompletionStreamResponse, FinishReason, FunctionObject, Role,
 };
 use async_openai::types::embeddings::{CreateEmbeddingRequest, EmbeddingInput, EncodingFormat};
+use common::{ADMIN_KEY, Gateway, TENANT_ANTHROPIC_KEY, TENANT_OPENAI_KEY};
 use futures::StreamExt;
-use meta_chat::bootstrap;
-use meta_chat::config::Config;
-use meta_chat_testkit::{FakeServer, FakeToolCall, Reply, fake_embedding};
+use meta_chat_testkit::{FakeToolCall, Reply, fake_embedding};
 use serde_json::{Value, json};
-
-const ADMIN_KEY: &str = "admin-key-for-tests-0123456789abcdef";
-const SYSTEM_OPENAI_KEY: &str = "sk-system-openai-0000";
-const SYSTEM_ANTHROPIC_KEY: &str = "sk-system-anthropic-0000";
-const TENANT_OPENAI_KEY: &str = "sk-tenant-openai-1111";
-const TENANT_ANTHROPIC_KEY: &str = "sk-tenant-anthropic-2222";
 
 /// How many requests one SDK call makes when every answer is a 429 or a 5xx: the first and
 /// `OpenAIRetryLayer::default()`'s three retries (async-openai `src/middleware/retry`).
 const SDK_ATTEMPTS: usize = 4;
 
-/// A gateway in front of a fake upstream, on real loopback sockets.
-struct Gateway {
-    base: String,
-    http: reqwest::Client,
-    fake: FakeServer,
-    _dir: tempfile::TempDir,
-}
-
 impl Gateway {
-    async fn start() -> Self {
-        meta_chat_llm::install_crypto_provider();
-        let fake = FakeServer::start().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let vars: BTreeMap<&str, String> = [
-            (
-                "DATABASE_URL",
-                format!("sqlite://{}", dir.path().join("t.db").display()),
-            ),
-            ("ADMIN_API_KEY", ADMIN_KEY.to_owned()),
-            ("OPENAI_BASE_URL", fake.url()),
-            ("ANTHROPIC_BASE_URL", fake.url()),
-            ("OLLAMA_BASE_URL", fake.url()),
-            ("OPENAI_API_KEY", SYSTEM_OPENAI_KEY.to_owned()),
-            ("ANTHROPIC_API_KEY", SYSTEM_ANTHROPIC_KEY.to_owned()),
-            ("LLM_MAX_RETRIES", "0".to_owned()),
-            ("LLM_TIMEOUT", "5000".to_owned()),
-        ]
-        .into_iter()
-        .collect();
-        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-        let (state, _) = bootstrap::app_state(config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, meta_chat::api::router(state))
-                .await
-                .unwrap();
-        });
-        Self {
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-            fake,
-            _dir: dir,
-        }
-    }
-
     /// Creates a tenant with these settings; returns its key.
-    async fn tenant(&self, settings: Value) -> String {
-        let response = self
-            .http
-            .post(format!("{}/api/tenants", self.base))
-            .bearer_auth(ADMIN_KEY)
-            .json(&json!({"name": "sdk", "settings": settings}))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(status, 201, "{body}");
-        body["apiKey"].as_str().unwrap().to_owned()
+    async fn tenant_key(&self, settings: Value) -> String {
+        self.tenant_named("sdk", settings).await.1
     }
 
     /// An SDK client pointed at the gateway, as a user would configure it.
@@ -247,7 +186,7 @@ fn api_error<T>(result: Result<T, OpenAIError>) -> ApiErrorResponse {
 async fn chat_completions_parse_for_every_provider() {
     let gw = Gateway::start().await;
     for case in cases() {
-        let key = gw.tenant(case.settings.clone()).await;
+        let key = gw.tenant_key(case.settings.clone()).await;
         let client = gw.sdk(&key);
         gw.fake.push(Reply::text("Four.").with_usage(10, 2));
         let mut request = chat_request(vec![
@@ -319,7 +258,7 @@ async fn chat_completions_parse_for_every_provider() {
 #[tokio::test]
 async fn the_upstream_model_name_is_what_the_sdk_sees() {
     let gw = Gateway::start().await;
-    let key = gw.tenant(cases()[0].settings.clone()).await;
+    let key = gw.tenant_key(cases()[0].settings.clone()).await;
     gw.fake
         .push(Reply::text("Hi.").with_model("gpt-4o-mini-2024-07-18"));
     let response = gw
@@ -347,7 +286,7 @@ async fn streams_parse_and_reassemble_for_every_provider() {
     let text = "The answer is four, as always.";
     for case in cases() {
         let who = case.provider;
-        let key = gw.tenant(case.settings.clone()).await;
+        let key = gw.tenant_key(case.settings.clone()).await;
         let client = gw.sdk(&key);
 
         gw.fake
@@ -489,7 +428,7 @@ async fn tool_calls_round_trip_for_every_provider() {
     let result = "18°C and sunny";
     for case in cases() {
         let who = case.provider;
-        let key = gw.tenant(case.settings.clone()).await;
+        let key = gw.tenant_key(case.settings.clone()).await;
         let client = gw.sdk(&key);
         // Each provider's id style; Ollama sends none and the gateway makes one up.
         let scripted_id = match who {
@@ -577,7 +516,7 @@ async fn streamed_tool_calls_reassemble_for_every_provider() {
     let gw = Gateway::start().await;
     for case in cases() {
         let who = case.provider;
-        let key = gw.tenant(case.settings.clone()).await;
+        let key = gw.tenant_key(case.settings.clone()).await;
         gw.fake.push(
             Reply::text_and_tool_calls(
                 "Let me check.",
@@ -645,7 +584,7 @@ async fn streamed_tool_calls_reassemble_for_every_provider() {
 async fn embeddings_parse_as_floats_and_base64() {
     let gw = Gateway::start().await;
     // The system embeddings backend (OpenAI).
-    let key = gw.tenant(json!({})).await;
+    let key = gw.tenant_key(json!({})).await;
     let client = gw.sdk(&key);
     let inputs = ["one", "two", "three"];
     let response = client
@@ -689,7 +628,7 @@ async fn embeddings_parse_as_floats_and_base64() {
 
     // A tenant whose embeddings go to Ollama.
     let key = gw
-        .tenant(json!({"embeddings": {"provider": "ollama", "model": "nomic-embed-text"}}))
+        .tenant_key(json!({"embeddings": {"provider": "ollama", "model": "nomic-embed-text"}}))
         .await;
     let response = gw
         .sdk(&key)
@@ -711,7 +650,7 @@ async fn embeddings_parse_as_floats_and_base64() {
 async fn models_list_parses() {
     let gw = Gateway::start().await;
     let key = gw
-        .tenant(json!({"llm": {"provider": "anthropic", "model": "claude-3-haiku-20240307"}}))
+        .tenant_key(json!({"llm": {"provider": "anthropic", "model": "claude-3-haiku-20240307"}}))
         .await;
     let list = gw.sdk(&key).models().list().await.unwrap();
     assert_eq!(list.object, "list");
@@ -782,7 +721,7 @@ async fn bad_keys_are_api_errors_the_sdk_understands() {
 #[tokio::test]
 async fn invalid_requests_name_the_field() {
     let gw = Gateway::start().await;
-    let key = gw.tenant(json!({"llm": {"provider": "openai"}})).await;
+    let key = gw.tenant_key(json!({"llm": {"provider": "openai"}})).await;
     let client = gw.sdk(&key);
 
     let mut request = chat_request(vec![user("Hi")]);
@@ -838,8 +777,8 @@ async fn invalid_requests_name_the_field() {
 async fn upstream_rate_limits_are_rate_limit_errors() {
     let gw = Gateway::start().await;
     let [openai, anthropic, _] = cases();
-    let openai_key = gw.tenant(openai.settings).await;
-    let anthropic_key = gw.tenant(anthropic.settings).await;
+    let openai_key = gw.tenant_key(openai.settings).await;
+    let anthropic_key = gw.tenant_key(anthropic.settings).await;
     // One upstream 429 for every attempt the SDK makes (the gateway itself does not retry:
     // LLM_MAX_RETRIES=0). Its 429s say `Retry-After: 1`, so this takes about 3 s.
     gw.fake.push_all(
@@ -877,7 +816,7 @@ async fn upstream_server_errors_are_api_errors() {
     let cases = cases();
     let mut keys = Vec::new();
     for case in &cases {
-        keys.push(gw.tenant(case.settings.clone()).await);
+        keys.push(gw.tenant_key(case.settings.clone()).await);
     }
     gw.fake.push_all(
         std::iter::repeat_with(|| Reply::error(500, "internal failure")).take(3 * SDK_ATTEMPTS),
@@ -905,7 +844,7 @@ async fn upstream_server_errors_are_api_errors() {
 #[tokio::test]
 async fn a_mid_stream_failure_reaches_the_sdk_as_an_error_item() {
     let gw = Gateway::start().await;
-    let key = gw.tenant(cases()[1].settings.clone()).await;
+    let key = gw.tenant_key(cases()[1].settings.clone()).await;
     gw.fake.push(Reply::stream_error(2, "Overloaded"));
     let mut stream = gw
         .sdk(&key)

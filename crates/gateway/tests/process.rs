@@ -6,17 +6,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
-use std::process::Stdio;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Answer, command, events, free_port, hello};
 use futures::StreamExt;
 use meta_chat_testkit::{FakeServer, Reply};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::task::JoinHandle;
 
 const ADMIN_KEY: &str = "admin-key-for-process-tests-0123456789abcdef";
@@ -39,31 +40,6 @@ const SECRETS: [&str; 7] = [
     TENANT_NEW_KEY,
     ENCRYPTION_KEY,
 ];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn command(dir: &Path, vars: &[(&str, String)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_meta-chat"));
-    command
-        .current_dir(dir)
-        .env_clear()
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Ok(path) = std::env::var("PATH") {
-        command.env("PATH", path);
-    }
-    for (name, value) in vars {
-        command.env(name, value);
-    }
-    command
-}
 
 type Lines = Arc<Mutex<Vec<String>>>;
 
@@ -92,28 +68,6 @@ fn drain(mut reader: impl AsyncBufRead + Unpin + Send + 'static, lines: Lines) -
 struct Logs {
     stdout: Vec<String>,
     stderr: Vec<String>,
-}
-
-/// One answer, read whole.
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text)
-            .unwrap_or_else(|e| panic!("{} answer is not JSON ({e}): {}", self.status, self.text))
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name} header: {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
 }
 
 /// A `meta-chat` process on a free port, over a fresh SQLite file, pointed at `fake`, with
@@ -145,35 +99,24 @@ impl Gateway {
             ),
             ("ADMIN_API_KEY", ADMIN_KEY.to_owned()),
             ("ENCRYPTION_KEY", ENCRYPTION_KEY.to_owned()),
-            ("OPENAI_BASE_URL", fake.url()),
-            ("ANTHROPIC_BASE_URL", fake.url()),
-            ("OLLAMA_BASE_URL", fake.url()),
+        ];
+        all.extend(common::upstream_vars(fake));
+        all.extend([
             ("OPENAI_API_KEY", SYSTEM_OPENAI_KEY.to_owned()),
             ("ANTHROPIC_API_KEY", SYSTEM_ANTHROPIC_KEY.to_owned()),
             ("EMBEDDINGS_API_KEY", EMBEDDINGS_KEY.to_owned()),
             ("LLM_TIMEOUT", "10000".to_owned()),
-        ];
+        ]);
         all.extend(vars.iter().map(|(n, v)| (*n, (*v).to_owned())));
         let mut child = command(dir.path(), &all).spawn().unwrap();
         let stdout: Lines = Arc::default();
         let stderr: Lines = Arc::default();
         let stderr_reader = drain(BufReader::new(child.stderr.take().unwrap()), stderr.clone());
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let waited = tokio::time::timeout(Duration::from_secs(60), async {
-            let mut buffer = Vec::new();
-            loop {
-                buffer.clear();
-                if out.read_until(b'\n', &mut buffer).await.unwrap() == 0 {
-                    return false;
-                }
-                let line = String::from_utf8_lossy(&buffer).trim_end().to_owned();
-                let done = line.contains("listening on");
-                stdout.lock().unwrap().push(line);
-                if done {
-                    return true;
-                }
-            }
-        })
+        let waited = tokio::time::timeout(
+            Duration::from_secs(60),
+            common::read_until_listening(&mut out, |line| stdout.lock().unwrap().push(line)),
+        )
         .await;
         match waited {
             Ok(true) => {}
@@ -216,21 +159,14 @@ impl Gateway {
         key: Option<&str>,
         body: Option<&Value>,
     ) -> Answer {
-        let mut request = self.client.request(method, self.url(path));
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let response = request.send().await.unwrap();
-        let answer = Answer {
-            status: response.status().as_u16(),
-            headers: response.headers().clone(),
-            text: response.text().await.unwrap(),
-        };
+        let answer = common::request(
+            &self.client,
+            method,
+            self.url(path),
+            key,
+            body.map(Value::to_string),
+        )
+        .await;
         self.record(&answer);
         answer
     }
@@ -255,20 +191,14 @@ impl Gateway {
 
     /// Creates a tenant as admin; returns (id, tenant key).
     async fn tenant(&self, name: &str, settings: Value) -> (String, String) {
-        let answer = self
-            .send(
-                Method::POST,
-                "/api/tenants",
-                Some(ADMIN_KEY),
-                Some(&json!({"name": name, "settings": settings})),
-            )
-            .await;
-        assert_eq!(answer.status, 201, "{}", answer.text);
-        let body = answer.json();
-        (
-            body["id"].as_str().unwrap().to_owned(),
-            body["apiKey"].as_str().unwrap().to_owned(),
+        self.send(
+            Method::POST,
+            "/api/tenants",
+            Some(ADMIN_KEY),
+            Some(&common::tenant_body(name, settings)),
         )
+        .await
+        .created_tenant()
     }
 
     fn stderr_has(&self, needle: &str) -> bool {
@@ -280,12 +210,7 @@ impl Gateway {
     }
 
     fn terminate(&self) {
-        let pid = self.child.id().unwrap().to_string();
-        let killed = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(killed.success());
+        common::sigterm(&self.child);
     }
 
     /// Waits for the process to exit (after [`Gateway::terminate`]) and returns its status
@@ -314,22 +239,6 @@ impl Gateway {
         let (status, logs) = self.wait(Duration::from_secs(15)).await;
         (status, logs, seen)
     }
-}
-
-fn hello(extra: Value) -> Value {
-    let mut body = json!({"messages": [{"role": "user", "content": "hello there"}]});
-    if let (Value::Object(map), Value::Object(more)) = (&mut body, extra) {
-        map.extend(more);
-    }
-    body
-}
-
-/// The `data:` payloads of an SSE body.
-fn events(text: &str) -> Vec<String> {
-    text.split("\n\n")
-        .filter_map(|event| event.trim().strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// The text a chat completion stream carries.

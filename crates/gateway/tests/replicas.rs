@@ -5,12 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use meta_chat::bootstrap;
-use meta_chat::config::Config;
+use common::{Answer, PgSchema};
 use meta_chat_testkit::FakeServer;
+use reqwest::Method;
 use serde_json::{Value, json};
 
 const ADMIN_KEY: &str = "admin-key-for-replica-tests-0123456789";
@@ -25,68 +26,60 @@ struct Replica {
 }
 
 async fn start_replica(database_url: &str, fake: &FakeServer) -> Replica {
-    let vars: BTreeMap<&str, String> = [
+    let mut vars = vec![
         ("DATABASE_URL", database_url.to_owned()),
         ("ADMIN_API_KEY", ADMIN_KEY.to_owned()),
         ("ENCRYPTION_KEY", ENCRYPTION_KEY.to_owned()),
-        ("OPENAI_BASE_URL", fake.url()),
-        ("ANTHROPIC_BASE_URL", fake.url()),
-        ("OLLAMA_BASE_URL", fake.url()),
+    ];
+    vars.extend(common::upstream_vars(fake));
+    vars.extend([
         ("OPENAI_API_KEY", "sk-system-openai-replicas".to_owned()),
         (
             "ANTHROPIC_API_KEY",
             "sk-system-anthropic-replicas".to_owned(),
         ),
         ("LLM_MAX_RETRIES", "0".to_owned()),
-    ]
-    .into_iter()
-    .collect();
-    let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-    let (state, _) = bootstrap::app_state(config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, meta_chat::api::router(state))
-            .await
-            .unwrap();
-    });
-    Replica {
-        base: format!("http://{addr}"),
-    }
+    ]);
+    let (base, _) = common::serve(common::config(vars)).await;
+    Replica { base }
 }
 
+/// Sends a request to `path` on `replica` as `key`.
 async fn call(
     client: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
+    replica: &Replica,
+    method: Method,
+    path: &str,
     key: &str,
     body: Option<Value>,
-) -> (u16, reqwest::header::HeaderMap, String) {
-    let mut request = client.request(method, url).bearer_auth(key);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    (status, headers, response.text().await.unwrap())
+) -> Answer {
+    common::request(
+        client,
+        method,
+        format!("{}{path}", replica.base),
+        Some(key),
+        body.map(|body| body.to_string()),
+    )
+    .await
 }
 
 /// Sends a chat through `replica` and returns (status, provider header).
 async fn chat(client: &reqwest::Client, replica: &Replica, key: &str) -> (u16, String) {
-    let (status, headers, _) = call(
+    let answer = call(
         client,
-        reqwest::Method::POST,
-        format!("{}/v1/chat/completions", replica.base),
+        replica,
+        Method::POST,
+        "/v1/chat/completions",
         key,
         Some(json!({"messages": [{"role": "user", "content": "hi"}]})),
     )
     .await;
-    let provider = headers
+    let provider = answer
+        .headers
         .get("x-meta-chat-provider")
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
-    (status, provider)
+    (answer.status, provider)
 }
 
 /// Retries `check` until it holds or [`PATIENCE`] runs out.
@@ -113,32 +106,34 @@ async fn two_replicas_share_tenant_changes(database_url: &str) {
     let b = start_replica(database_url, &fake).await;
     let client = reqwest::Client::new();
 
-    let (status, _, text) = call(
+    let (id, key) = call(
         &client,
-        reqwest::Method::POST,
-        format!("{}/api/tenants", a.base),
+        &a,
+        Method::POST,
+        "/api/tenants",
         ADMIN_KEY,
-        Some(json!({"name": "acme", "settings": {"llm": {"provider": "openai", "model": "gpt-4o-mini"}}})),
+        Some(common::tenant_body(
+            "acme",
+            json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}),
+        )),
     )
-    .await;
-    assert_eq!(status, 201, "{text}");
-    let created: Value = serde_json::from_str(&text).unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
-    let key = created["apiKey"].as_str().unwrap().to_owned();
+    .await
+    .created_tenant();
 
     // Created on A, usable on B at once (a key B has not seen is looked up).
     assert_eq!(chat(&client, &b, &key).await, (200, "openai".to_owned()));
 
     // Switched on A: A serves the new provider on the very next request, B within a poll.
-    let (status, _, text) = call(
+    let answer = call(
         &client,
-        reqwest::Method::PUT,
-        format!("{}/api/tenants/{id}", a.base),
+        &a,
+        Method::PUT,
+        &format!("/api/tenants/{id}"),
         ADMIN_KEY,
         Some(json!({"settings": {"llm": {"provider": "anthropic", "model": "claude-3-haiku-20240307"}}})),
     )
     .await;
-    assert_eq!(status, 200, "{text}");
+    assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(chat(&client, &a, &key).await, (200, "anthropic".to_owned()));
     eventually("the provider switch on replica B", || async {
         chat(&client, &b, &key).await == (200, "anthropic".to_owned())
@@ -146,19 +141,17 @@ async fn two_replicas_share_tenant_changes(database_url: &str) {
     .await;
 
     // Rotated on A: the new key works on both at once, the old one stops on B within a poll.
-    let (status, _, text) = call(
+    let answer = call(
         &client,
-        reqwest::Method::POST,
-        format!("{}/api/tenants/{id}/rotate-key", a.base),
+        &a,
+        Method::POST,
+        &format!("/api/tenants/{id}/rotate-key"),
         ADMIN_KEY,
         None,
     )
     .await;
-    assert_eq!(status, 200, "{text}");
-    let new_key = serde_json::from_str::<Value>(&text).unwrap()["apiKey"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let new_key = answer.json()["apiKey"].as_str().unwrap().to_owned();
     assert_eq!(chat(&client, &a, &key).await.0, 401);
     assert_eq!(chat(&client, &b, &new_key).await.0, 200);
     eventually("the old key failing on replica B", || async {
@@ -167,15 +160,17 @@ async fn two_replicas_share_tenant_changes(database_url: &str) {
     .await;
 
     // Deleted on A: the key stops working on A at once and on B within a poll.
-    let (status, _, text) = call(
+    let answer = call(
         &client,
-        reqwest::Method::DELETE,
-        format!("{}/api/tenants/{id}", a.base),
+        &a,
+        Method::DELETE,
+        &format!("/api/tenants/{id}"),
         ADMIN_KEY,
         None,
     )
     .await;
-    assert!(status == 200 || status == 204, "{status}: {text}");
+    let status = answer.status;
+    assert!(status == 200 || status == 204, "{status}: {}", answer.text);
     assert_eq!(chat(&client, &a, &new_key).await.0, 401);
     eventually("the deletion on replica B", || async {
         chat(&client, &b, &new_key).await.0 == 401
@@ -192,30 +187,10 @@ async fn replicas_on_one_sqlite_file_share_tenant_changes() {
 
 #[tokio::test]
 async fn replicas_on_one_postgres_database_share_tenant_changes() {
-    let base = match std::env::var("TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if std::env::var("REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("REQUIRE_SERVICES=1 but TEST_DATABASE_URL is not set (PostgreSQL required)")
-        }
-        _ => {
-            eprintln!("skipping PostgreSQL: TEST_DATABASE_URL not set");
-            return;
-        }
+    let Some(base) = common::test_database_url() else {
+        return;
     };
     // A private schema, so the test sees only its own tenants.
-    let schema = format!("mc_replicas_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{separator}options=-csearch_path%3D{schema}");
-    two_replicas_share_tenant_changes(&url).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA \"{schema}\" CASCADE"
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
+    let schema = PgSchema::create(&base, "mc_replicas").await;
+    two_replicas_share_tenant_changes(&schema.url()).await;
 }

@@ -3,66 +3,34 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn command(dir: &Path, vars: &[(&str, String)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_meta-chat"));
-    command
-        .current_dir(dir)
-        .env_clear()
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Ok(path) = std::env::var("PATH") {
-        command.env("PATH", path);
-    }
-    for (name, value) in vars {
-        command.env(name, value);
-    }
-    command
-}
+use common::{command, free_port};
+use tokio::io::BufReader;
+use tokio::process::Child;
 
 /// Starts the server and returns it with the lines it printed up to "listening".
 async fn start(dir: &Path, port: u16) -> (Child, Vec<String>) {
     let mut child = command(dir, &[("BIND_ADDR", format!("127.0.0.1:{port}"))])
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut printed = Vec::new();
-    let wait = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let done = line.contains("listening on");
-            printed.push(line);
-            if done {
-                return;
-            }
-        }
-        panic!("the server exited before listening: {printed:?}");
-    });
-    wait.await.expect("the server did not start within 30 s");
+    let listening = tokio::time::timeout(
+        Duration::from_secs(30),
+        common::read_until_listening(&mut out, |line| printed.push(line)),
+    )
+    .await
+    .expect("the server did not start within 30 s");
+    assert!(listening, "the server exited before listening: {printed:?}");
     (child, printed)
 }
 
 async fn stop(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    common::sigterm(&child);
     tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("the server did not stop within 10 s of SIGTERM")

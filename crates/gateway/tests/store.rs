@@ -3,10 +3,13 @@
 //! gets its own schema, so tests run in parallel without seeing each other's rows.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{TimeDelta, Utc};
+use common::{PgSchema, test_database_url};
 use meta_chat::store::{
     NewTenant, PostgresStore, SqliteStore, Store, StoreError, Tenant, connect_store,
     sqlite_file_path,
@@ -23,52 +26,6 @@ struct Backend {
     _schema: Option<PgSchema>,
 }
 
-/// A PostgreSQL schema private to one test, dropped when the test ends, also when it fails.
-struct PgSchema {
-    base_url: String,
-    name: String,
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let base_url = self.base_url.clone();
-        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name);
-        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread with
-        // its own runtime.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let admin = sqlx::PgPool::connect(&base_url).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-            });
-        });
-        if cleanup.join().is_err() && !std::thread::panicking() {
-            panic!("could not drop test schema {}", self.name);
-        }
-    }
-}
-
-/// `TEST_DATABASE_URL`, or `None` (PostgreSQL skipped) unless `REQUIRE_SERVICES=1`.
-fn test_database_url() -> Option<String> {
-    match std::env::var("TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("REQUIRE_SERVICES=1 but TEST_DATABASE_URL is not set (PostgreSQL required)")
-        }
-        _ => {
-            eprintln!("skipping PostgreSQL: TEST_DATABASE_URL not set");
-            None
-        }
-    }
-}
-
 async fn sqlite_backend() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("store.db").display());
@@ -83,27 +40,8 @@ async fn sqlite_backend() -> Backend {
 }
 
 async fn postgres_backend(base_url: &str) -> Backend {
-    let admin = sqlx::PgPool::connect(base_url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to TEST_DATABASE_URL: {e}"));
-    let schema = PgSchema {
-        base_url: base_url.to_string(),
-        name: format!("mc_test_{}", uuid::Uuid::new_v4().simple()),
-    };
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE SCHEMA \"{}\"",
-        schema.name
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
-    admin.close().await;
-    let separator = if base_url.contains('?') { '&' } else { '?' };
-    let url = format!(
-        "{base_url}{separator}options=-csearch_path%3D{}",
-        schema.name
-    );
-    let store = PostgresStore::connect(&url).await.unwrap();
+    let schema = PgSchema::create(base_url, "mc_test").await;
+    let store = PostgresStore::connect(&schema.url()).await.unwrap();
     store.migrate().await.unwrap();
     Backend {
         name: "postgres",

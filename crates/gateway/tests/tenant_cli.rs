@@ -3,29 +3,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::Path;
 use std::process::Output;
 
+use common::contains;
 use serde_json::Value;
 
 const KEY_A: &str = "first-encryption-key-0123456789abcdef";
 const KEY_B: &str = "second-encryption-key-0123456789abcdef";
 const PROVIDER_KEY: &str = "sk-proj-SECRETSECRETSECRET1234abcd";
 
+/// Runs the binary in `dir` on its `mc.db`; `vars` come after (and so override) that.
 fn run(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_meta-chat"));
-    command.current_dir(dir).env_clear().args(args);
-    if let Ok(path) = std::env::var("PATH") {
-        command.env("PATH", path);
-    }
-    command.env(
-        "DATABASE_URL",
-        format!("sqlite://{}", dir.join("mc.db").display()),
-    );
-    for (name, value) in vars {
-        command.env(name, value);
-    }
-    command.output().unwrap()
+    let database_url = format!("sqlite://{}", dir.join("mc.db").display());
+    common::std_command(dir, &[("DATABASE_URL", database_url)])
+        .envs(vars.iter().copied())
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn json(output: &Output) -> Value {
@@ -46,12 +43,6 @@ fn database_bytes(dir: &Path) -> Vec<u8> {
         }
     }
     bytes
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
 }
 
 #[test]

@@ -4,17 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use common::{ADMIN_KEY, contains};
 use meta_chat::bootstrap;
 use meta_chat::config::Config;
 use meta_chat::crypto::hash_api_key;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-const ADMIN_KEY: &str = "admin-key-for-tests-0123456789abcdef";
 const OPENAI_KEY: &str = "sk-proj-SECRETSECRETSECRET1234abcd";
 const OPENAI_MASK: &str = "sk-p…abcd";
 const ANTHROPIC_KEY: &str = "sk-ant-SECRETANTHROPICKEY0000wxyz";
@@ -34,17 +35,22 @@ struct Server {
     generated_admin_key: Option<String>,
 }
 
+/// The configuration of a gateway over `dir`'s SQLite file; `vars` come after (and so
+/// override) the defaults.
 fn config(dir: &std::path::Path, vars: &[(&str, &str)]) -> Config {
-    let mut map = BTreeMap::new();
-    map.insert(
-        "DATABASE_URL".to_owned(),
-        format!("sqlite://{}", dir.join("t.db").display()),
-    );
-    map.insert("MAX_BODY_BYTES".to_owned(), MAX_BODY_BYTES.to_string());
-    for (name, value) in vars {
-        map.insert((*name).to_owned(), (*value).to_owned());
-    }
-    Config::from_lookup(|name| map.get(name).cloned()).unwrap()
+    let defaults = [
+        (
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.join("t.db").display()),
+        ),
+        ("MAX_BODY_BYTES", MAX_BODY_BYTES.to_string()),
+    ];
+    common::config(
+        defaults.into_iter().chain(
+            vars.iter()
+                .map(|(name, value)| (*name, (*value).to_owned())),
+        ),
+    )
 }
 
 impl Server {
@@ -55,22 +61,13 @@ impl Server {
     async fn start_with(vars: &[(&str, &str)]) -> Self {
         meta_chat_llm::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        let (state, admin_key) = bootstrap::app_state(config(dir.path(), vars))
-            .await
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, meta_chat::api::router(state))
-                .await
-                .unwrap();
-        });
+        let (base, generated_admin_key) = common::serve(config(dir.path(), vars)).await;
         Self {
-            base: format!("http://{addr}"),
+            base,
             client: reqwest::Client::new(),
             dir,
             bodies: Mutex::new(Vec::new()),
-            generated_admin_key: admin_key.generated,
+            generated_admin_key,
         }
     }
 
@@ -191,10 +188,6 @@ enum Auth<'a> {
 
 fn time(value: &Value) -> chrono::DateTime<chrono::FixedOffset> {
     chrono::DateTime::parse_from_rfc3339(value.as_str().unwrap()).unwrap()
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Asserts an error answer in the OpenAI envelope.

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::process::Output;
 
 use meta_chat_testkit::{FakeServer, Reply};
@@ -10,19 +12,12 @@ use meta_chat_testkit::{FakeServer, Reply};
 async fn run(args: &[&str], vars: &[(&str, String)]) -> Output {
     let dir = std::env::temp_dir().join(format!("meta-chat-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_meta-chat"));
-    command
-        .current_dir(&dir)
-        .env_clear()
+    common::command(&dir, vars)
         .arg("test-providers")
-        .args(args);
-    if let Ok(path) = std::env::var("PATH") {
-        command.env("PATH", path);
-    }
-    for (name, value) in vars {
-        command.env(name, value);
-    }
-    command.output().await.unwrap()
+        .args(args)
+        .output()
+        .await
+        .unwrap()
 }
 
 fn all_fake(fake: &FakeServer) -> Vec<(&'static str, String)> {
