@@ -9,9 +9,11 @@ use secrecy::ExposeSecret;
 use crate::api::AppState;
 use crate::config::{Config, DatabaseKind};
 use crate::crypto::{self, Cipher, CryptoError};
+use crate::metrics::Metrics;
 use crate::store::{self, Store, StoreError};
 use crate::tenant_cache::TenantCache;
 use crate::tenants::Tenants;
+use crate::usage::{UsageRecorder, UsageWriterConfig};
 
 /// Why start-up failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,11 +146,19 @@ pub async fn app_state(config: Config) -> Result<(AppState, AdminKey), StartupEr
     tenant_cache.spawn_refresh();
     let tenants =
         Tenants::new(Arc::clone(&store), Arc::new(cipher)).with_cache(Arc::clone(&tenant_cache));
+    let usage = if config.cost_tracking {
+        UsageRecorder::spawn(Arc::clone(&store), UsageWriterConfig::default())
+    } else {
+        UsageRecorder::disabled()
+    };
+    let metrics = Arc::new(Metrics::new(Arc::clone(&config.llm.prices)));
     let state = AppState {
         config: Arc::new(config),
         store,
         tenants,
         tenant_cache,
+        metrics,
+        usage,
         admin_key_hash: Arc::new(admin_key.hash.clone()),
     };
     Ok((state, admin_key))

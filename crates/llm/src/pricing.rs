@@ -190,14 +190,29 @@ impl PriceTable {
     /// without a date suffix (`gpt-4o-2024-08-06` → `gpt-4o`) or `-latest`, else the
     /// provider's default (every Ollama model is free). `None` means unpriced.
     pub fn price(&self, provider: ProviderKind, model: &str) -> Option<ModelPrice> {
-        let model = model.trim().to_ascii_lowercase();
-        let model = model
-            .strip_prefix(&format!("{}/", provider.as_str()))
-            .unwrap_or(&model);
-        let key = format!("{}/{}", provider.as_str(), model);
+        let key = table_key(provider, model);
         self.lookup(&key)
             .or_else(|| strip_version(&key).and_then(|base| self.lookup(&base)))
             .or_else(|| self.providers.get(provider.as_str()).copied())
+    }
+
+    /// The table's own name for `model` at `provider`, without the provider prefix: the
+    /// model entry or alias that [`PriceTable::price`] finds for it, directly or after
+    /// dropping a date or `-latest` suffix (`gpt-4o-2024-08-06` → `gpt-4o`). `None` when no
+    /// entry names the model, even if a provider-wide default prices it (every Ollama model).
+    ///
+    /// The answer is always one of the table's own entries, so it is a bounded label for
+    /// metrics, whatever model names clients send.
+    pub fn known_model(&self, provider: ProviderKind, model: &str) -> Option<String> {
+        let key = table_key(provider, model);
+        let found = if self.lookup(&key).is_some() {
+            key
+        } else {
+            strip_version(&key).filter(|base| self.lookup(base).is_some())?
+        };
+        found
+            .strip_prefix(&format!("{}/", provider.as_str()))
+            .map(str::to_owned)
     }
 
     fn lookup(&self, key: &str) -> Option<ModelPrice> {
@@ -241,6 +256,16 @@ impl PriceTable {
             .filter(|(_, price)| price.embedding == embedding)
             .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_owned))
             .collect()
+    }
+}
+
+/// `provider/model`, lowercased, whether or not `model` already carries the prefix.
+fn table_key(provider: ProviderKind, model: &str) -> String {
+    let model = model.trim().to_ascii_lowercase();
+    let prefix = format!("{}/", provider.as_str());
+    match model.strip_prefix(&prefix) {
+        Some(_) => model,
+        None => prefix + &model,
     }
 }
 
@@ -353,6 +378,47 @@ mod tests {
         assert!(!cost.priced);
         // The same model name at another provider is not that provider's price.
         assert_eq!(table.price(ProviderKind::Anthropic, "gpt-4o"), None);
+    }
+
+    #[test]
+    fn known_models_are_the_tables_own_names() {
+        let table = PriceTable::builtin();
+        let known = |provider, model| table.known_model(provider, model);
+        assert_eq!(
+            known(ProviderKind::OpenAi, "gpt-4o-mini").as_deref(),
+            Some("gpt-4o-mini")
+        );
+        assert_eq!(
+            known(ProviderKind::OpenAi, " OpenAI/GPT-4o-mini ").as_deref(),
+            Some("gpt-4o-mini")
+        );
+        // A dated version without its own entry is named by its base entry…
+        assert_eq!(
+            known(ProviderKind::OpenAi, "gpt-4o-2024-08-06").as_deref(),
+            Some("gpt-4o")
+        );
+        // …and one with its own entry keeps it.
+        assert_eq!(
+            known(ProviderKind::OpenAi, "gpt-4o-2024-05-13").as_deref(),
+            Some("gpt-4o-2024-05-13")
+        );
+        // An alias is an entry of the table too.
+        assert_eq!(
+            known(ProviderKind::Anthropic, "claude-3-5-sonnet-latest").as_deref(),
+            Some("claude-3-5-sonnet-latest")
+        );
+        assert_eq!(
+            known(ProviderKind::OpenAi, "text-embedding-3-small").as_deref(),
+            Some("text-embedding-3-small")
+        );
+        // Unknown names, other providers' models and models priced only by a provider-wide
+        // default are not known, whatever their price.
+        assert_eq!(known(ProviderKind::OpenAi, "my-finetune"), None);
+        assert_eq!(known(ProviderKind::Anthropic, "gpt-4o"), None);
+        assert_eq!(known(ProviderKind::OpenAi, "anthropic/gpt-4o"), None);
+        assert_eq!(known(ProviderKind::OpenAi, "gpt-4o-2099-01-01x"), None);
+        assert!(table.price(ProviderKind::Ollama, "llama3.1:8b").is_some());
+        assert_eq!(known(ProviderKind::Ollama, "llama3.1:8b"), None);
     }
 
     #[test]

@@ -3,8 +3,10 @@
 pub mod auth;
 pub mod error;
 pub mod json;
+pub mod metering;
 pub mod openai;
 pub mod openai_codec;
+pub mod ops;
 pub mod tenants;
 pub mod test_llm;
 
@@ -17,9 +19,11 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::tenant_cache::TenantCache;
 use crate::tenants::Tenants;
+use crate::usage::UsageRecorder;
 use error::ApiError;
 
 /// What every handler can reach. Cheap to clone.
@@ -33,6 +37,10 @@ pub struct AppState {
     pub tenants: Tenants,
     /// Tenants by API key hash, for authenticating requests without a database query.
     pub tenant_cache: Arc<TenantCache>,
+    /// Hands usage records to the batch writer (disabled by `ENABLE_COST_TRACKING=false`).
+    pub usage: UsageRecorder,
+    /// Prometheus metrics, served at `/metrics`.
+    pub metrics: Arc<Metrics>,
     /// SHA-256 hex of the admin API key (see [`crate::bootstrap::ensure_admin_key`]).
     pub admin_key_hash: Arc<String>,
 }
@@ -43,8 +51,14 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(ops::routes())
         .merge(tenants::routes())
-        .merge(openai::routes())
+        .merge(
+            openai::routes().route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                openai::observe,
+            )),
+        )
         .merge(test_llm::routes())
         .fallback(not_found)
         // After every route: it applies to the method routers registered so far.

@@ -15,14 +15,14 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use meta_chat_llm::{
     ChunkStream, FallbackChain, FallbackEntry, FallbackExhausted, LlmError, LlmProvider,
-    ProviderConfig, ProviderKind, create_provider,
+    ProviderConfig, ProviderKind, StreamChunk, Usage, create_provider, pricing::format_usd,
 };
 use secrecy::ExposeSecret;
 
@@ -30,6 +30,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::json::RawBody;
+use super::metering::{self, Meter, Outcome, estimate_input_tokens};
 use super::openai_codec::{
     ChunkEncoder, SSE_DONE, completion_json, embeddings_json, models_json, parse_chat_request,
     parse_embeddings_request, sse_data,
@@ -58,17 +59,74 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
-        .route_layer(axum::middleware::from_fn(stamp_arrival))
 }
 
 /// When the request reached the gateway, before authentication and body parsing.
 #[derive(Debug, Clone, Copy)]
-pub struct Arrival(pub Instant);
+pub struct Arrival(
+    pub Instant,
+    pub chrono::DateTime<chrono::Utc>,
+    /// The request's id (a UUID v7), answered as `x-request-id` and kept in its usage record.
+    pub uuid::Uuid,
+);
 
-/// Stamps each request with its [`Arrival`].
-pub async fn stamp_arrival(mut request: Request, next: Next) -> Response {
-    request.extensions_mut().insert(Arrival(Instant::now()));
-    next.run(request).await
+impl Arrival {
+    /// Now, with a fresh request id.
+    pub fn now() -> Self {
+        Self(Instant::now(), chrono::Utc::now(), uuid::Uuid::now_v7())
+    }
+}
+
+/// Marks a response to a request that reached a provider (its usage and metrics were
+/// recorded by the handler); any other error response was a rejection.
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderReached;
+
+/// Stamps each request with its [`Arrival`]; afterwards counts the gateway's overhead and the
+/// requests rejected before any provider was called.
+pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let endpoint = match request.uri().path() {
+        "/v1/chat/completions" => "chat",
+        "/v1/embeddings" => "embeddings",
+        "/v1/models" => "models",
+        _ => "other",
+    };
+    let arrival = Arrival::now();
+    request.extensions_mut().insert(arrival);
+    let mut response = next.run(request).await;
+    // Every answer names its request, errors included.
+    if !response.headers().contains_key(REQUEST_ID_HEADER)
+        && let Ok(value) = HeaderValue::from_str(&arrival.2.to_string())
+    {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
+    }
+    let overhead = response
+        .headers()
+        .get(OVERHEAD_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    if let Some(overhead) = overhead {
+        state.metrics.record_overhead(endpoint, overhead);
+    }
+    let status = response.status();
+    if status.as_u16() >= 400 && response.extensions().get::<ProviderReached>().is_none() {
+        let reason = match status.as_u16() {
+            401 => "unauthenticated",
+            403 => "forbidden",
+            404 => "not_found",
+            405 => "method_not_allowed",
+            413 => "too_large",
+            429 => "rate_limited",
+            400..=499 => "invalid_request",
+            _ => "internal",
+        };
+        state.metrics.record_rejection(endpoint, reason);
+    }
+    response
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Arrival {
@@ -79,7 +137,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Arrival {
             .extensions
             .get::<Self>()
             .copied()
-            .unwrap_or_else(|| Self(Instant::now())))
+            .unwrap_or_else(Self::now))
     }
 }
 
@@ -103,6 +161,7 @@ async fn timed<T>(upstream: &mut Duration, future: impl Future<Output = T>) -> T
 pub struct Failure {
     error: ApiError,
     retry_after: Option<Duration>,
+    reached_provider: bool,
 }
 
 impl From<ApiError> for Failure {
@@ -110,6 +169,7 @@ impl From<ApiError> for Failure {
         Self {
             error,
             retry_after: None,
+            reached_provider: false,
         }
     }
 }
@@ -117,6 +177,9 @@ impl From<ApiError> for Failure {
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         let mut response = self.error.into_response();
+        if self.reached_provider {
+            response.extensions_mut().insert(ProviderReached);
+        }
         if let Some(after) = self.retry_after {
             // Whole seconds, rounded up, at least 1.
             let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
@@ -185,10 +248,20 @@ async fn embeddings(
     State(state): State<AppState>,
     arrival: Arrival,
     caller: Caller,
+    headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, Failure> {
     let tenant = require_tenant(caller)?;
     let parsed = parse_embeddings_request(&body)?;
+    let request_id = arrival.2;
+    let meter = Meter {
+        state: state.clone(),
+        tenant_id: tenant.id.clone(),
+        conversation_id: metering::conversation_id(&headers, None)?,
+        request_id: request_id.to_string(),
+        endpoint: "embeddings",
+        arrival,
+    };
     let settings = open_settings(&state, &tenant)?;
     let config = routing::embeddings_config(&state.config.llm, &settings, parsed.model.as_deref())?;
     drop(settings);
@@ -201,15 +274,20 @@ async fn embeddings(
     let model = config.embedding_model.clone().unwrap_or_default();
     let provider = create_provider(config).map_err(|e| llm_error(&e, &secrets))?;
     let mut upstream = Duration::ZERO;
-    let response = timed(&mut upstream, provider.embed(&parsed.request))
-        .await
-        .map_err(|e| llm_error(&e, &secrets))?;
-    let cost = state
-        .config
-        .llm
-        .prices
-        .embedding_cost(provider_kind, &model, response.embedding_tokens)
-        .usd_string();
+    let pending = meter.pending(provider_kind, &model, 0);
+    let result = timed(&mut upstream, provider.embed(&parsed.request)).await;
+    pending.done();
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            meter.record(&Outcome::failed(provider_kind, &model, &error));
+            return Err(llm_error(&error, &secrets));
+        }
+    };
+    let mut outcome = Outcome::ok(provider_kind, &model, Usage::default());
+    outcome.embedding_tokens = response.embedding_tokens;
+    meter.record(&outcome);
+    let cost = format_usd(meter.cost_nano_usd(&outcome));
     let shown_model = if response.model.is_empty() {
         model.as_str()
     } else {
@@ -222,7 +300,7 @@ async fn embeddings(
         provider_kind,
         &model,
         Some(&cost),
-        uuid::Uuid::now_v7(),
+        request_id,
         arrival.overhead(upstream),
     );
     Ok(answer)
@@ -269,24 +347,35 @@ async fn chat_completions(
     State(state): State<AppState>,
     arrival: Arrival,
     caller: Caller,
+    headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, Failure> {
     let tenant = require_tenant(caller)?;
     let parsed = parse_chat_request(&body)?;
+    let request_id = arrival.2;
+    let meter = Meter {
+        state: state.clone(),
+        tenant_id: tenant.id.clone(),
+        conversation_id: metering::conversation_id(&headers, parsed.conversation_id.clone())?,
+        request_id: request_id.to_string(),
+        endpoint: "chat",
+        arrival,
+    };
     let settings = open_settings(&state, &tenant)?;
     let (primary, fallback) =
         routing::provider_config(&state.config.llm, &settings, parsed.model.as_deref())?;
     drop(settings);
+    let input_estimate = estimate_input_tokens(&parsed.request);
+    let pending = meter.pending(primary.provider, &primary.model, input_estimate);
     let routed = build_chain(primary, fallback);
-    let request_id = uuid::Uuid::now_v7();
     let completion_id = format!("chatcmpl-{}", request_id.simple());
     let created = chrono::Utc::now().timestamp();
     let mut upstream = Duration::ZERO;
 
     if parsed.stream {
-        let served = timed(&mut upstream, routed.chain.stream_served(&parsed.request))
-            .await
-            .map_err(|e| exhausted(e, &routed.secrets))?;
+        let result = timed(&mut upstream, routed.chain.stream_served(&parsed.request)).await;
+        pending.done();
+        let served = result.map_err(|e| exhausted(e, &meter, &routed.secrets))?;
         let body = sse_body(
             served.value,
             ChunkEncoder::new(
@@ -295,10 +384,13 @@ async fn chat_completions(
                 served.model.clone(),
                 parsed.include_usage,
             ),
-            CostContext {
-                state: state.clone(),
+            StreamContext {
+                meter,
                 provider: served.provider,
                 model: served.model.clone(),
+                fallback_from: served.failed.first().map(|f| f.provider),
+                ttft: arrival.0.elapsed(),
+                input_estimate,
                 secrets: routed.secrets,
             },
         );
@@ -317,15 +409,13 @@ async fn chat_completions(
         return Ok(response);
     }
 
-    let served = timed(&mut upstream, routed.chain.complete_served(&parsed.request))
-        .await
-        .map_err(|e| exhausted(e, &routed.secrets))?;
-    let cost = state
-        .config
-        .llm
-        .prices
-        .cost(served.provider, &served.model, served.value.usage)
-        .usd_string();
+    let result = timed(&mut upstream, routed.chain.complete_served(&parsed.request)).await;
+    pending.done();
+    let served = result.map_err(|e| exhausted(e, &meter, &routed.secrets))?;
+    let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
+    outcome.fallback_from = served.failed.first().map(|f| f.provider);
+    meter.record(&outcome);
+    let cost = format_usd(meter.cost_nano_usd(&outcome));
     let shown_model = if served.value.model.is_empty() {
         served.model.as_str()
     } else {
@@ -377,29 +467,71 @@ fn set_headers(
     );
 }
 
-/// What the end of a stream needs to price it.
-struct CostContext {
-    state: AppState,
+/// What the end of a stream needs to price and record it.
+struct StreamContext {
+    meter: Meter,
     provider: ProviderKind,
     model: String,
+    fallback_from: Option<ProviderKind>,
+    ttft: Duration,
+    input_estimate: u64,
     secrets: Vec<String>,
+}
+
+impl StreamContext {
+    /// The stream's usage: as the provider reported it, else estimated from the prompt and
+    /// the text sent (flagged).
+    fn outcome(&self, reported: Option<Usage>, output_text: &str) -> Outcome {
+        let (usage, estimated) = match reported {
+            Some(usage) => (usage, false),
+            None => (
+                Usage {
+                    input_tokens: self.input_estimate,
+                    output_tokens: crate::usage::estimate_tokens(output_text),
+                },
+                true,
+            ),
+        };
+        let mut outcome = Outcome::ok(self.provider, &self.model, usage);
+        outcome.estimated = estimated;
+        outcome.ttft = Some(self.ttft);
+        outcome.fallback_from = self.fallback_from;
+        outcome
+    }
 }
 
 /// The SSE body: the encoded chunks, then (when asked) the usage chunk, then `[DONE]`; a
 /// failure mid-stream becomes an error event before `[DONE]`.
-fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: CostContext) -> Body {
+///
+/// The stream's usage is recorded when it ends: completed, failed upstream (what was used, with
+/// status `error`) or abandoned by the client (status `cancelled`; the upstream stream is
+/// dropped, which closes its connection).
+fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamContext) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
+        let mut text = String::new();
         while let Some(item) = stream.next().await {
             match item {
                 Ok(chunk) => {
+                    if let StreamChunk::TextDelta { text: delta } = &chunk {
+                        text.push_str(delta);
+                    }
                     for value in encoder.encode(&chunk) {
                         if tx.send(sse_data(&value)).await.is_err() {
-                            return; // The client went away.
+                            // The client went away.
+                            let mut outcome = context.outcome(encoder.usage(), &text);
+                            outcome.status = "cancelled";
+                            context.meter.record(&outcome);
+                            return;
                         }
                     }
                 }
                 Err(error) => {
+                    let mut outcome = context.outcome(encoder.usage(), &text);
+                    outcome.status = "error";
+                    outcome.http_status = error.status().unwrap_or(502);
+                    outcome.error_kind = Some(error.code());
+                    context.meter.record(&outcome);
                     let failure = llm_error(&error, &context.secrets);
                     let event = ChunkEncoder::api_error_event(&failure.error);
                     let _ = tx.send(sse_data(&event)).await;
@@ -408,15 +540,10 @@ fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: CostCon
                 }
             }
         }
-        let usage = encoder.usage().unwrap_or_default();
-        let cost = context
-            .state
-            .config
-            .llm
-            .prices
-            .cost(context.provider, &context.model, usage)
-            .usd_string();
-        if let Some(value) = encoder.finish_usage(usage, Some(&cost))
+        let outcome = context.outcome(encoder.usage(), &text);
+        context.meter.record(&outcome);
+        let cost = format_usd(context.meter.cost_nano_usd(&outcome));
+        if let Some(value) = encoder.finish_usage(outcome.usage, Some(&cost))
             && tx.send(sse_data(&value)).await.is_err()
         {
             return;
@@ -431,7 +558,11 @@ fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: CostCon
     Body::from_stream(body)
 }
 
-fn exhausted(error: FallbackExhausted, secrets: &[String]) -> Failure {
+/// Records the failed request (when a provider was reached) and answers with the last error.
+fn exhausted(error: FallbackExhausted, meter: &Meter, secrets: &[String]) -> Failure {
+    if let Some(outcome) = Outcome::exhausted(&error) {
+        meter.record(&outcome);
+    }
     match error.last_error() {
         Some(last) => llm_error(last, secrets),
         None => ApiError::new(
@@ -513,6 +644,7 @@ pub fn llm_error(error: &LlmError, secrets: &[String]) -> Failure {
             }
             _ => None,
         },
+        reached_provider: !matches!(error, LlmError::Configuration { .. }),
     }
 }
 

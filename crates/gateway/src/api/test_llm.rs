@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::Caller;
 use super::json::JsonBody;
-use super::openai::{Failure, llm_error};
+use super::metering::{Meter, Outcome};
+use super::openai::{Arrival, Failure, llm_error};
 use crate::routing;
 
 /// The routes of this module.
@@ -41,6 +42,7 @@ struct TestRequest {
 /// key for others); the admin's through the system configuration.
 async fn test_llm(
     State(state): State<AppState>,
+    arrival: Arrival,
     caller: Caller,
     JsonBody(request): JsonBody<TestRequest>,
 ) -> Result<axum::Json<Value>, Failure> {
@@ -83,16 +85,37 @@ async fn test_llm(
         .iter()
         .map(|k| k.expose_secret().to_owned())
         .collect();
+    // A tenant's test prompt is billed like any other call; the admin's has no tenant.
+    let meter = caller.tenant().map(|tenant| Meter {
+        state: state.clone(),
+        tenant_id: tenant.id.clone(),
+        conversation_id: None,
+        request_id: arrival.2.to_string(),
+        endpoint: "test",
+        arrival,
+    });
+    let (provider_kind, model) = (config.provider, config.model.clone());
     let provider = create_provider(config).map_err(|e| llm_error(&e, &secrets))?;
     let prompt = request
         .prompt
         .filter(|p| !p.trim().is_empty())
         .unwrap_or_else(|| "What is 2+2?".to_owned());
     let started = Instant::now();
-    let response = provider
+    let response = match provider
         .complete(&CompletionRequest::new(vec![Message::user(prompt)]))
         .await
-        .map_err(|e| llm_error(&e, &secrets))?;
+    {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(meter) = &meter {
+                meter.record(&Outcome::failed(provider_kind, &model, &error));
+            }
+            return Err(llm_error(&error, &secrets));
+        }
+    };
+    if let Some(meter) = &meter {
+        meter.record(&Outcome::ok(provider_kind, &model, response.usage));
+    }
     let latency_ms = started.elapsed().as_millis() as u64;
     let cost = env
         .prices

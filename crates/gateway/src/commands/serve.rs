@@ -41,9 +41,17 @@ pub async fn run() -> ExitCode {
     let local = listener.local_addr().unwrap_or(bind_addr);
     tracing::info!(addr = %local, database, "meta-chat listening");
     println!("meta-chat listening on http://{local}");
+    let usage = state.usage.clone();
     let served = axum::serve(listener, meta_chat::api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await;
+    // Every request has finished: write the usage records still queued.
+    usage.shutdown().await;
+    tracing::info!(
+        written = usage.written(),
+        dropped = usage.dropped(),
+        "usage records flushed"
+    );
     match served {
         Ok(()) => {
             tracing::info!("meta-chat stopped");

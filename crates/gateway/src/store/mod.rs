@@ -93,6 +93,51 @@ pub struct NewTenant {
     pub settings: serde_json::Value,
 }
 
+/// One request that reached a provider (SPEC §4.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// The tenant billed.
+    pub tenant_id: String,
+    /// `X-Conversation-Id` or `metadata.conversation_id`, when given.
+    pub conversation_id: Option<String>,
+    /// The gateway's request id (`x-request-id`).
+    pub request_id: String,
+    /// `chat`, `embeddings` or `test`.
+    pub endpoint: String,
+    /// The provider that served (or, for a failure, the last one tried).
+    pub provider: String,
+    /// Its model.
+    pub model: String,
+    /// Prompt tokens.
+    pub input_tokens: i64,
+    /// Generated tokens.
+    pub output_tokens: i64,
+    /// Embedded tokens.
+    pub embedding_tokens: i64,
+    /// Cost in nano-dollars (1e-9 USD).
+    pub cost_nano_usd: i64,
+    /// From arrival to the end of the answer, in milliseconds.
+    pub latency_ms: i64,
+    /// For streams: from arrival to the first chunk, in milliseconds.
+    pub ttft_ms: Option<i64>,
+    /// `ok`, `error`, or `cancelled` (the client went away mid-stream).
+    pub status: String,
+    /// The error code when the request failed (`rate_limited`, `upstream_error`, …).
+    pub error_kind: Option<String>,
+    /// Answered from the response cache.
+    pub cache_hit: bool,
+    /// The provider that failed before a fallback served.
+    pub fallback_from: Option<String>,
+    /// Token counts are an estimate (the provider reported none).
+    pub tokens_estimated: bool,
+    /// When the request arrived.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Rows per multi-row `INSERT` of usage records: 19 values each stays far below both
+/// databases' limit on bound parameters.
+pub const USAGE_INSERT_CHUNK: usize = 500;
+
 /// Persistent state of the gateway: tenants, instance-wide settings and (later) usage records.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -147,6 +192,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every tenant's id and settings, for re-encrypting secrets under a new key (write back with
     /// [`Store::update_settings`]).
     async fn all_tenant_settings(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
+
+    /// Appends usage records, in multi-row inserts of up to [`USAGE_INSERT_CHUNK`] rows, all in
+    /// one transaction: either every record is stored or none is.
+    async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
+
+    /// A tenant's most recent usage records, newest first, at most `limit`.
+    async fn recent_usage(
+        &self,
+        tenant_id: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError>;
+
+    /// How many usage records are stored for `tenant_id`, or for everyone.
+    async fn count_usage(&self, tenant_id: Option<&str>) -> Result<u64, StoreError>;
 
     /// The stored hash of the admin API key, if one was set.
     async fn admin_key_hash(&self) -> Result<Option<String>, StoreError>;

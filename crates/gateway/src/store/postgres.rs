@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::{
     ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
-    db_err, migrator, now,
+    USAGE_INSERT_CHUNK, UsageRecord, db_err, migrator, now,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -205,6 +205,9 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         if result.rows_affected() == 0 {
+            // Ended here, not left to the pool: an open transaction would hold its locks
+            // until the connection is next used.
+            tx.rollback().await.map_err(db_err)?;
             return Err(StoreError::NotFound);
         }
         let deleted_at = now();
@@ -269,6 +272,76 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        for chunk in records.chunks(USAGE_INSERT_CHUNK) {
+            let mut insert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "INSERT INTO usage_records (tenant_id, conversation_id, request_id, endpoint, provider, model, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, latency_ms, ttft_ms, status, error_kind, cache_hit, fallback_from, tokens_estimated, created_at) ",
+            );
+            insert.push_values(chunk, |mut row, record| {
+                row.push_bind(record.tenant_id.clone())
+                    .push_bind(record.conversation_id.clone())
+                    .push_bind(record.request_id.clone())
+                    .push_bind(record.endpoint.clone())
+                    .push_bind(record.provider.clone())
+                    .push_bind(record.model.clone())
+                    .push_bind(record.input_tokens)
+                    .push_bind(record.output_tokens)
+                    .push_bind(record.embedding_tokens)
+                    .push_bind(record.cost_nano_usd)
+                    .push_bind(record.latency_ms)
+                    .push_bind(record.ttft_ms)
+                    .push_bind(record.status.clone())
+                    .push_bind(record.error_kind.clone())
+                    .push_bind(record.cache_hit)
+                    .push_bind(record.fallback_from.clone())
+                    .push_bind(record.tokens_estimated)
+                    .push_bind(record.created_at);
+            });
+            insert.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn recent_usage(
+        &self,
+        tenant_id: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, conversation_id, request_id, endpoint, provider, model, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, latency_ms, ttft_ms, status, error_kind, cache_hit, fallback_from, tokens_estimated, created_at FROM usage_records \
+             WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(usage_from_row).collect()
+    }
+
+    async fn count_usage(&self, tenant_id: Option<&str>) -> Result<u64, StoreError> {
+        let row = match tenant_id {
+            Some(id) => {
+                sqlx::query("SELECT COUNT(*) AS n FROM usage_records WHERE tenant_id = $1")
+                    .bind(id)
+                    .fetch_one(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query("SELECT COUNT(*) AS n FROM usage_records")
+                    .fetch_one(&self.pool)
+                    .await
+            }
+        }
+        .map_err(db_err)?;
+        let n: i64 = row.try_get("n").map_err(db_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn admin_key_hash(&self) -> Result<Option<String>, StoreError> {
         sqlx::query("SELECT value FROM system WHERE key = $1")
             .bind(ADMIN_KEY_HASH)
@@ -293,4 +366,28 @@ impl Store for PostgresStore {
         .map(drop)
         .map_err(db_err)
     }
+}
+
+fn usage_from_row(row: &PgRow) -> Result<UsageRecord, StoreError> {
+    let created_at: DateTime<Utc> = row.try_get("created_at").map_err(db_err)?;
+    Ok(UsageRecord {
+        tenant_id: row.try_get("tenant_id").map_err(db_err)?,
+        conversation_id: row.try_get("conversation_id").map_err(db_err)?,
+        request_id: row.try_get("request_id").map_err(db_err)?,
+        endpoint: row.try_get("endpoint").map_err(db_err)?,
+        provider: row.try_get("provider").map_err(db_err)?,
+        model: row.try_get("model").map_err(db_err)?,
+        input_tokens: row.try_get("input_tokens").map_err(db_err)?,
+        output_tokens: row.try_get("output_tokens").map_err(db_err)?,
+        embedding_tokens: row.try_get("embedding_tokens").map_err(db_err)?,
+        cost_nano_usd: row.try_get("cost_nano_usd").map_err(db_err)?,
+        latency_ms: row.try_get("latency_ms").map_err(db_err)?,
+        ttft_ms: row.try_get("ttft_ms").map_err(db_err)?,
+        status: row.try_get("status").map_err(db_err)?,
+        error_kind: row.try_get("error_kind").map_err(db_err)?,
+        cache_hit: row.try_get("cache_hit").map_err(db_err)?,
+        fallback_from: row.try_get("fallback_from").map_err(db_err)?,
+        tokens_estimated: row.try_get("tokens_estimated").map_err(db_err)?,
+        created_at,
+    })
 }

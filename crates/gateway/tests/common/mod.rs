@@ -13,6 +13,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Stdio;
 
+use meta_chat::api::AppState;
 use meta_chat::bootstrap;
 use meta_chat::config::Config;
 use meta_chat_testkit::FakeServer;
@@ -40,15 +41,20 @@ pub fn config<'a>(vars: impl IntoIterator<Item = (&'a str, String)>) -> Config {
 /// Returns its base URL and the admin key generated at start-up (when `ADMIN_API_KEY` was not
 /// set and none was stored).
 pub async fn serve(config: Config) -> (String, Option<String>) {
+    let (base, _, generated) = serve_state(config).await;
+    (base, generated)
+}
+
+/// As [`serve`], also returning the gateway's [`AppState`] (its store, usage recorder, …).
+pub async fn serve_state(config: Config) -> (String, AppState, Option<String>) {
     let (state, admin_key) = bootstrap::app_state(config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let router = meta_chat::api::router(state.clone());
     tokio::spawn(async move {
-        axum::serve(listener, meta_chat::api::router(state))
-            .await
-            .unwrap();
+        axum::serve(listener, router).await.unwrap();
     });
-    (format!("http://{addr}"), admin_key.generated)
+    (format!("http://{addr}"), state, admin_key.generated)
 }
 
 /// The variables that send every provider (OpenAI, Anthropic, Ollama) to `fake`.
@@ -65,6 +71,8 @@ pub struct Gateway {
     pub base: String,
     pub client: reqwest::Client,
     pub fake: FakeServer,
+    /// The in-process gateway's state: its store and usage recorder, for example.
+    pub state: AppState,
     _dir: tempfile::TempDir,
 }
 
@@ -98,11 +106,12 @@ impl Gateway {
                 .iter()
                 .map(|(name, value)| (*name, (*value).to_owned())),
         );
-        let (base, _) = serve(config(vars)).await;
+        let (base, state, _) = serve_state(config(vars)).await;
         Self {
             base,
             client: reqwest::Client::new(),
             fake,
+            state,
             _dir: dir,
         }
     }
