@@ -24,7 +24,6 @@ use meta_chat_llm::{
     ChunkStream, FallbackChain, FallbackEntry, FallbackExhausted, LlmError, LlmProvider,
     ProviderConfig, ProviderKind, StreamChunk, Usage, create_provider, pricing::format_usd,
 };
-use secrecy::ExposeSecret;
 
 use super::AppState;
 use super::auth::Caller;
@@ -203,21 +202,12 @@ fn require_tenant(caller: Caller) -> Result<Arc<Tenant>, ApiError> {
     }
 }
 
-/// The routed provider chain, the keys it holds (to scrub from error messages) and nothing
-/// else.
-struct Routed {
-    chain: FallbackChain,
-    secrets: Vec<String>,
-}
-
-fn build_chain(primary: ProviderConfig, fallback: Vec<(u32, ProviderConfig)>) -> Routed {
-    let mut secrets = Vec::new();
+/// The routed provider chain. Each provider redacts its own key from its errors
+/// ([`meta_chat_llm::Redacted`]), so no copy of a key is kept here.
+fn build_chain(primary: ProviderConfig, fallback: Vec<(u32, ProviderConfig)>) -> FallbackChain {
     let mut entries = Vec::with_capacity(1 + fallback.len());
     // The primary goes first: the chain sorts stably and it has the lowest priority.
     for (priority, config) in std::iter::once((0, primary)).chain(fallback) {
-        if let Some(key) = &config.api_key {
-            secrets.push(key.expose_secret().to_owned());
-        }
         let provider = config.provider;
         match create_provider(config) {
             Ok(provider) => entries.push(FallbackEntry { priority, provider }),
@@ -226,10 +216,7 @@ fn build_chain(primary: ProviderConfig, fallback: Vec<(u32, ProviderConfig)>) ->
             }
         }
     }
-    Routed {
-        chain: FallbackChain::new(entries),
-        secrets,
-    }
+    FallbackChain::new(entries)
 }
 
 /// The tenant's settings with keys decrypted; 500 (logged) when they cannot be read.
@@ -265,14 +252,9 @@ async fn embeddings(
     let settings = open_settings(&state, &tenant)?;
     let config = routing::embeddings_config(&state.config.llm, &settings, parsed.model.as_deref())?;
     drop(settings);
-    let secrets: Vec<String> = config
-        .api_key
-        .iter()
-        .map(|k| k.expose_secret().to_owned())
-        .collect();
     let provider_kind = config.provider;
     let model = config.embedding_model.clone().unwrap_or_default();
-    let provider = create_provider(config).map_err(|e| llm_error(&e, &secrets))?;
+    let provider = create_provider(config).map_err(|e| llm_error(&e))?;
     let mut upstream = Duration::ZERO;
     let pending = meter.pending(provider_kind, &model, 0);
     let result = timed(&mut upstream, provider.embed(&parsed.request)).await;
@@ -281,7 +263,7 @@ async fn embeddings(
         Ok(response) => response,
         Err(error) => {
             meter.record(&Outcome::failed(provider_kind, &model, &error));
-            return Err(llm_error(&error, &secrets));
+            return Err(llm_error(&error));
         }
     };
     let mut outcome = Outcome::ok(provider_kind, &model, Usage::default());
@@ -367,15 +349,15 @@ async fn chat_completions(
     drop(settings);
     let input_estimate = estimate_input_tokens(&parsed.request);
     let pending = meter.pending(primary.provider, &primary.model, input_estimate);
-    let routed = build_chain(primary, fallback);
+    let chain = build_chain(primary, fallback);
     let completion_id = format!("chatcmpl-{}", request_id.simple());
     let created = chrono::Utc::now().timestamp();
     let mut upstream = Duration::ZERO;
 
     if parsed.stream {
-        let result = timed(&mut upstream, routed.chain.stream_served(&parsed.request)).await;
+        let result = timed(&mut upstream, chain.stream_served(&parsed.request)).await;
         pending.done();
-        let served = result.map_err(|e| exhausted(e, &meter, &routed.secrets))?;
+        let served = result.map_err(|e| exhausted(e, &meter))?;
         let body = sse_body(
             served.value,
             ChunkEncoder::new(
@@ -391,7 +373,6 @@ async fn chat_completions(
                 fallback_from: served.failed.first().map(|f| f.provider),
                 ttft: arrival.0.elapsed(),
                 input_estimate,
-                secrets: routed.secrets,
             },
         );
         let mut response = Response::new(body);
@@ -409,9 +390,9 @@ async fn chat_completions(
         return Ok(response);
     }
 
-    let result = timed(&mut upstream, routed.chain.complete_served(&parsed.request)).await;
+    let result = timed(&mut upstream, chain.complete_served(&parsed.request)).await;
     pending.done();
-    let served = result.map_err(|e| exhausted(e, &meter, &routed.secrets))?;
+    let served = result.map_err(|e| exhausted(e, &meter))?;
     let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
     outcome.fallback_from = served.failed.first().map(|f| f.provider);
     meter.record(&outcome);
@@ -475,7 +456,6 @@ struct StreamContext {
     fallback_from: Option<ProviderKind>,
     ttft: Duration,
     input_estimate: u64,
-    secrets: Vec<String>,
 }
 
 impl StreamContext {
@@ -532,7 +512,7 @@ fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamC
                     outcome.http_status = error.status().unwrap_or(502);
                     outcome.error_kind = Some(error.code());
                     context.meter.record(&outcome);
-                    let failure = llm_error(&error, &context.secrets);
+                    let failure = llm_error(&error);
                     let event = ChunkEncoder::api_error_event(&failure.error);
                     let _ = tx.send(sse_data(&event)).await;
                     let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
@@ -559,12 +539,12 @@ fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamC
 }
 
 /// Records the failed request (when a provider was reached) and answers with the last error.
-fn exhausted(error: FallbackExhausted, meter: &Meter, secrets: &[String]) -> Failure {
+fn exhausted(error: FallbackExhausted, meter: &Meter) -> Failure {
     if let Some(outcome) = Outcome::exhausted(&error) {
         meter.record(&outcome);
     }
     match error.last_error() {
-        Some(last) => llm_error(last, secrets),
+        Some(last) => llm_error(last),
         None => ApiError::new(
             StatusCode::BAD_REQUEST,
             "provider_not_configured",
@@ -574,13 +554,12 @@ fn exhausted(error: FallbackExhausted, meter: &Meter, secrets: &[String]) -> Fai
     }
 }
 
-/// Removes every known key, and anything that looks like one, from an upstream message.
-fn scrub(message: &str, secrets: &[String]) -> String {
-    let mut out = message.to_owned();
-    for secret in secrets.iter().filter(|s| s.len() >= 4) {
-        out = out.replace(secret.as_str(), "[redacted]");
-    }
-    out.split(' ')
+/// Removes anything that looks like an OpenAI or Anthropic key (`sk-…`) from an upstream
+/// message: a last defence for keys other than the caller's own, which each provider has
+/// already redacted.
+fn scrub(message: &str) -> String {
+    message
+        .split(' ')
         .map(|word| {
             if word.contains("sk-") {
                 "[redacted]"
@@ -607,8 +586,8 @@ fn upstream_code(code: Option<&str>) -> &'static str {
 }
 
 /// An [`LlmError`] in OpenAI's terms.
-pub fn llm_error(error: &LlmError, secrets: &[String]) -> Failure {
-    let message = scrub(&error.to_string(), secrets);
+pub fn llm_error(error: &LlmError) -> Failure {
+    let message = scrub(&error.to_string());
     let (status, code) = match error {
         LlmError::InvalidRequest { code, .. } => {
             (StatusCode::BAD_REQUEST, upstream_code(code.as_deref()))
@@ -711,19 +690,16 @@ mod tests {
             ),
         ];
         for (error, status, code) in cases {
-            let failure = llm_error(&error, &[]);
+            let failure = llm_error(&error);
             assert_eq!(failure.error.status.as_u16(), status, "{error}");
             assert_eq!(failure.error.code, code);
             assert!(!failure.error.message.contains("sk-"));
         }
-        let limited = llm_error(
-            &LlmError::RateLimited {
-                provider: p,
-                retry_after: Some(Duration::from_secs(7)),
-                message: "slow down".into(),
-            },
-            &[],
-        );
+        let limited = llm_error(&LlmError::RateLimited {
+            provider: p,
+            retry_after: Some(Duration::from_secs(7)),
+            message: "slow down".into(),
+        });
         assert_eq!(limited.error.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(limited.error.code, "rate_limit_exceeded");
         let response = limited.into_response();
@@ -732,10 +708,7 @@ mod tests {
 
     #[test]
     fn messages_lose_their_keys() {
-        let scrubbed = scrub(
-            "key tenant-secret-123 and sk-proj-xyz failed",
-            &["tenant-secret-123".to_owned()],
-        );
+        let scrubbed = scrub("key [redacted] and sk-proj-xyz failed");
         assert_eq!(scrubbed, "key [redacted] and [redacted] failed");
     }
 }

@@ -8,7 +8,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
 use meta_chat_llm::{CompletionRequest, Message, ProviderConfig, ProviderKind, create_provider};
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -80,11 +79,6 @@ async fn test_llm(
             config
         }
     };
-    let secrets: Vec<String> = config
-        .api_key
-        .iter()
-        .map(|k| k.expose_secret().to_owned())
-        .collect();
     // A tenant's test prompt is billed like any other call; the admin's has no tenant.
     let meter = caller.tenant().map(|tenant| Meter {
         state: state.clone(),
@@ -95,7 +89,7 @@ async fn test_llm(
         arrival,
     });
     let (provider_kind, model) = (config.provider, config.model.clone());
-    let provider = create_provider(config).map_err(|e| llm_error(&e, &secrets))?;
+    let provider = create_provider(config).map_err(|e| llm_error(&e))?;
     let prompt = request
         .prompt
         .filter(|p| !p.trim().is_empty())
@@ -110,7 +104,7 @@ async fn test_llm(
             if let Some(meter) = &meter {
                 meter.record(&Outcome::failed(provider_kind, &model, &error));
             }
-            return Err(llm_error(&error, &secrets));
+            return Err(llm_error(&error));
         }
     };
     if let Some(meter) = &meter {
