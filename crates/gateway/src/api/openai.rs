@@ -76,6 +76,10 @@ impl Arrival {
     }
 }
 
+/// The gateway's own time for a request, as answered in [`OVERHEAD_HEADER`].
+#[derive(Debug, Clone, Copy)]
+struct Overhead(Duration);
+
 /// Marks a response to a request that reached a provider (its usage and metrics were
 /// recorded by the handler); any other error response was a rejection.
 #[derive(Debug, Clone, Copy)]
@@ -101,15 +105,8 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             .headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
     }
-    let overhead = response
-        .headers()
-        .get(OVERHEAD_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
-    if let Some(overhead) = overhead {
-        state.metrics.record_overhead(endpoint, overhead);
+    if let Some(Overhead(overhead)) = response.extensions().get::<Overhead>() {
+        state.metrics.record_overhead(endpoint, *overhead);
     }
     let status = response.status();
     if status.as_u16() >= 400 && response.extensions().get::<ProviderReached>().is_none() {
@@ -429,6 +426,7 @@ fn set_headers(
     request_id: uuid::Uuid,
     overhead: Duration,
 ) {
+    response.extensions_mut().insert(Overhead(overhead));
     let headers = response.headers_mut();
     let mut put = |name: &'static str, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {
