@@ -137,8 +137,9 @@ impl Meter {
         chat.nano_usd.saturating_add(embedding.nano_usd)
     }
 
-    /// Hands the record of `outcome` to the usage writer (never waits).
-    pub fn record(&self, outcome: &Outcome) {
+    /// Counts `outcome` in the metrics and hands its record to the usage writer (never
+    /// waits). Returns its cost in nano-dollars.
+    pub fn record(&self, outcome: &Outcome) -> u64 {
         let cost = self.cost_nano_usd(outcome);
         let http_status = match outcome.status {
             "cancelled" => 499,
@@ -161,7 +162,7 @@ impl Meter {
             fallback_from: outcome.fallback_from,
         });
         if !self.state.usage.is_enabled() {
-            return;
+            return cost;
         }
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
@@ -185,6 +186,7 @@ impl Meter {
             tokens_estimated: outcome.estimated,
             created_at: self.arrival.1,
         });
+        cost
     }
 }
 

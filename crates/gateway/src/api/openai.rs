@@ -265,8 +265,7 @@ async fn embeddings(
     };
     let mut outcome = Outcome::ok(provider_kind, &model, Usage::default());
     outcome.embedding_tokens = response.embedding_tokens;
-    meter.record(&outcome);
-    let cost = format_usd(meter.cost_nano_usd(&outcome));
+    let cost = format_usd(meter.record(&outcome));
     let shown_model = if response.model.is_empty() {
         model.as_str()
     } else {
@@ -392,8 +391,7 @@ async fn chat_completions(
     let served = result.map_err(|e| exhausted(e, &meter))?;
     let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
     outcome.fallback_from = served.failed.first().map(|f| f.provider);
-    meter.record(&outcome);
-    let cost = format_usd(meter.cost_nano_usd(&outcome));
+    let cost = format_usd(meter.record(&outcome));
     let shown_model = if served.value.model.is_empty() {
         served.model.as_str()
     } else {
@@ -519,8 +517,7 @@ fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamC
             }
         }
         let outcome = context.outcome(encoder.usage(), &text);
-        context.meter.record(&outcome);
-        let cost = format_usd(context.meter.cost_nano_usd(&outcome));
+        let cost = format_usd(context.meter.record(&outcome));
         if let Some(value) = encoder.finish_usage(outcome.usage, Some(&cost))
             && tx.send(sse_data(&value)).await.is_err()
         {
