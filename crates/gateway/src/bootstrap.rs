@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use secrecy::ExposeSecret;
 
+use crate::alerts::{CostAlerts, WebhookConfig};
 use crate::api::AppState;
 use crate::config::{Config, DatabaseKind};
 use crate::crypto::{self, Cipher, CryptoError};
@@ -146,12 +147,24 @@ pub async fn app_state(config: Config) -> Result<(AppState, AdminKey), StartupEr
     tenant_cache.spawn_refresh();
     let tenants =
         Tenants::new(Arc::clone(&store), Arc::new(cipher)).with_cache(Arc::clone(&tenant_cache));
+    let metrics = Arc::new(Metrics::new(Arc::clone(&config.llm.prices)));
     let usage = if config.cost_tracking {
-        UsageRecorder::spawn(Arc::clone(&store), UsageWriterConfig::default())
+        let alerts = CostAlerts::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            config
+                .cost_alert_webhook_url
+                .as_ref()
+                .map(|url| WebhookConfig::new(url.as_str())),
+        );
+        UsageRecorder::spawn(
+            Arc::clone(&store),
+            UsageWriterConfig::default(),
+            Some(alerts),
+        )
     } else {
         UsageRecorder::disabled()
     };
-    let metrics = Arc::new(Metrics::new(Arc::clone(&config.llm.prices)));
     let state = AppState {
         config: Arc::new(config),
         store,

@@ -1,6 +1,8 @@
 //! The meta-chat gateway: tenants with encrypted provider keys in SQLite or PostgreSQL,
 //! managed from the command line (the HTTP API builds on the same modules).
 
+pub mod alerts;
+pub mod analytics;
 pub mod api;
 pub mod bootstrap;
 pub mod config;

@@ -25,6 +25,9 @@ enum Command {
     /// Send one prompt to each configured provider and print the answer, latency, tokens
     /// and cost (configuration from the environment and `.env`).
     TestProviders(commands::test_providers::Args),
+    /// Print a usage report (totals, time series, breakdown) from the database named by
+    /// `DATABASE_URL`, as `GET /api/tenants/{id}/usage` answers it.
+    Usage(commands::usage::Args),
     /// Apply pending database migrations.
     Migrate,
     /// Re-encrypt every tenant secret from `ENCRYPTION_KEY_PREVIOUS` to `ENCRYPTION_KEY`.
@@ -54,6 +57,7 @@ async fn main() -> ExitCode {
         Command::Serve => commands::serve::run().await,
         Command::Tenant(command) => commands::tenant::run(command).await,
         Command::TestProviders(args) => commands::test_providers::run(args).await,
+        Command::Usage(args) => commands::usage::run(args).await,
         Command::Migrate => commands::tenant::migrate().await,
         Command::RotateEncryptionKey => commands::tenant::rotate_encryption_key().await,
     }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::alerts::CostAlerts;
 use crate::store::{Store, UsageRecord};
 
 /// How many times a batch is tried before it is dropped.
@@ -57,10 +58,18 @@ struct Counters {
     last_drop_warning: std::sync::Mutex<Option<Instant>>,
 }
 
+/// A record on its way to the database, with the tenant's daily cost alert threshold in
+/// nano-dollars (`None`: no alert).
+#[derive(Debug)]
+struct Queued {
+    record: UsageRecord,
+    alert_threshold_nano: Option<i64>,
+}
+
 /// The request path's side: hands records to the writer without waiting. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct UsageRecorder {
-    sender: Option<mpsc::Sender<UsageRecord>>,
+    sender: Option<mpsc::Sender<Queued>>,
     counters: Arc<Counters>,
     writer: Arc<std::sync::Mutex<Option<UsageWriter>>>,
 }
@@ -75,9 +84,14 @@ impl UsageRecorder {
         }
     }
 
-    /// Starts a writer over `store` and returns its recorder.
-    pub fn spawn(store: Arc<dyn Store>, config: UsageWriterConfig) -> Self {
-        let (mut recorder, writer) = UsageWriter::spawn(store, config);
+    /// Starts a writer over `store` and returns its recorder. After each stored batch the
+    /// writer checks `alerts`, if given.
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        config: UsageWriterConfig,
+        alerts: Option<Arc<CostAlerts>>,
+    ) -> Self {
+        let (mut recorder, writer) = UsageWriter::spawn(store, config, alerts);
         recorder.writer = Arc::new(std::sync::Mutex::new(Some(writer)));
         recorder
     }
@@ -101,11 +115,16 @@ impl UsageRecorder {
     }
 
     /// Queues `record` for writing; drops and counts it if the queue is full or closed.
-    pub fn record(&self, record: UsageRecord) {
+    /// `alert_threshold_nano` is the tenant's daily cost alert threshold, if it has one.
+    pub fn record(&self, record: UsageRecord, alert_threshold_nano: Option<i64>) {
         let Some(sender) = &self.sender else {
             return;
         };
-        if let Err(error) = sender.try_send(record) {
+        let queued = Queued {
+            record,
+            alert_threshold_nano,
+        };
+        if let Err(error) = sender.try_send(queued) {
             let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let mut last = self
                 .counters
@@ -150,12 +169,26 @@ pub struct UsageWriter {
 }
 
 impl UsageWriter {
-    /// Starts the writer over `store`; returns the recorder for the request path.
-    pub fn spawn(store: Arc<dyn Store>, config: UsageWriterConfig) -> (UsageRecorder, Self) {
+    /// Starts the writer over `store`; returns the recorder for the request path. After each
+    /// stored batch the writer checks `alerts`, if given.
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        config: UsageWriterConfig,
+        alerts: Option<Arc<CostAlerts>>,
+    ) -> (UsageRecorder, Self) {
         let (sender, receiver) = mpsc::channel(config.capacity.max(1));
         let counters = Arc::new(Counters::default());
         let (close, closed) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(run(store, receiver, closed, config, Arc::clone(&counters)));
+        let task = tokio::spawn(run(
+            Sink {
+                store,
+                alerts,
+                counters: Arc::clone(&counters),
+            },
+            receiver,
+            closed,
+            config,
+        ));
         (
             UsageRecorder {
                 sender: Some(sender),
@@ -181,15 +214,42 @@ impl UsageWriter {
     }
 }
 
-async fn run(
+/// Where the writer's batches go.
+struct Sink {
     store: Arc<dyn Store>,
-    mut receiver: mpsc::Receiver<UsageRecord>,
+    alerts: Option<Arc<CostAlerts>>,
+    counters: Arc<Counters>,
+}
+
+impl Sink {
+    /// Stores a batch, then checks its cost alerts.
+    async fn write(&self, batch: &mut Vec<Queued>) {
+        if batch.is_empty() {
+            return;
+        }
+        let (records, thresholds): (Vec<UsageRecord>, Vec<Option<i64>>) = batch
+            .drain(..)
+            .map(|queued| (queued.record, queued.alert_threshold_nano))
+            .unzip();
+        if write(self.store.as_ref(), &records, &self.counters).await
+            && let Some(alerts) = &self.alerts
+        {
+            alerts.check(&records, &thresholds).await;
+        }
+    }
+}
+
+/// How long shutdown waits for cost alert webhooks still being delivered.
+const WEBHOOK_DRAIN: Duration = Duration::from_secs(10);
+
+async fn run(
+    sink: Sink,
+    mut receiver: mpsc::Receiver<Queued>,
     mut closed: tokio::sync::oneshot::Receiver<()>,
     config: UsageWriterConfig,
-    counters: Arc<Counters>,
 ) {
     let batch_size = config.batch_size.max(1);
-    let mut batch: Vec<UsageRecord> = Vec::with_capacity(batch_size);
+    let mut batch: Vec<Queued> = Vec::with_capacity(batch_size);
     let mut closing = false;
     loop {
         if !closing {
@@ -232,18 +292,16 @@ async fn run(
                 }
             }
         }
-        write(store.as_ref(), &batch, &counters).await;
-        batch.clear();
+        sink.write(&mut batch).await;
     }
-    if !batch.is_empty() {
-        write(store.as_ref(), &batch, &counters).await;
+    sink.write(&mut batch).await;
+    if let Some(alerts) = &sink.alerts {
+        alerts.finish(WEBHOOK_DRAIN).await;
     }
 }
 
-async fn write(store: &dyn Store, batch: &[UsageRecord], counters: &Counters) {
-    if batch.is_empty() {
-        return;
-    }
+/// Stores `batch`, retrying; returns whether it was stored.
+async fn write(store: &dyn Store, batch: &[UsageRecord], counters: &Counters) -> bool {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=WRITE_ATTEMPTS {
         match store.insert_usage(batch).await {
@@ -251,7 +309,7 @@ async fn write(store: &dyn Store, batch: &[UsageRecord], counters: &Counters) {
                 counters
                     .written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                return;
+                return true;
             }
             Err(error) if attempt < WRITE_ATTEMPTS => {
                 tracing::warn!(%error, attempt, records = batch.len(), "cannot write usage records; retrying");
@@ -266,6 +324,7 @@ async fn write(store: &dyn Store, batch: &[UsageRecord], counters: &Counters) {
             }
         }
     }
+    false
 }
 
 /// A token count estimated from text, for a provider that reported none: about four

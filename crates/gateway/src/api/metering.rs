@@ -62,6 +62,23 @@ pub struct Meter {
     pub endpoint: &'static str,
     /// When the request arrived.
     pub arrival: Arrival,
+    /// The tenant's daily cost alert threshold in nano-dollars ([`alert_threshold_nano`]).
+    pub alert_threshold_nano: Option<i64>,
+}
+
+/// A tenant's daily cost alert threshold in nano-dollars: its `costAlertThreshold`, else
+/// `COST_ALERT_THRESHOLD`, else none.
+pub fn alert_threshold_nano(
+    state: &AppState,
+    settings: &crate::settings::TenantSettings,
+) -> Option<i64> {
+    let usd = settings
+        .cost_alert_threshold
+        .or(state.config.cost_alert_threshold_usd)?;
+    let nano = (usd * 1e9).round();
+    // Validation keeps thresholds positive and finite; the float-to-int cast saturates.
+    #[allow(clippy::cast_possible_truncation)]
+    (nano.is_finite() && nano > 0.0).then_some(nano as i64)
 }
 
 /// How a request that reached a provider ended.
@@ -166,26 +183,29 @@ impl Meter {
         }
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        self.state.usage.record(UsageRecord {
-            tenant_id: self.tenant_id.clone(),
-            conversation_id: self.conversation_id.clone(),
-            request_id: self.request_id.clone(),
-            endpoint: self.endpoint.to_owned(),
-            provider: outcome.provider.as_str().to_owned(),
-            model: outcome.model.clone(),
-            input_tokens: as_i64(outcome.usage.input_tokens),
-            output_tokens: as_i64(outcome.usage.output_tokens),
-            embedding_tokens: as_i64(outcome.embedding_tokens),
-            cost_nano_usd: as_i64(cost),
-            latency_ms: millis(self.arrival.0.elapsed()),
-            ttft_ms: outcome.ttft.map(millis),
-            status: outcome.status.to_owned(),
-            error_kind: outcome.error_kind.map(str::to_owned),
-            cache_hit: false,
-            fallback_from: outcome.fallback_from.map(|p| p.as_str().to_owned()),
-            tokens_estimated: outcome.estimated,
-            created_at: self.arrival.1,
-        });
+        self.state.usage.record(
+            UsageRecord {
+                tenant_id: self.tenant_id.clone(),
+                conversation_id: self.conversation_id.clone(),
+                request_id: self.request_id.clone(),
+                endpoint: self.endpoint.to_owned(),
+                provider: outcome.provider.as_str().to_owned(),
+                model: outcome.model.clone(),
+                input_tokens: as_i64(outcome.usage.input_tokens),
+                output_tokens: as_i64(outcome.usage.output_tokens),
+                embedding_tokens: as_i64(outcome.embedding_tokens),
+                cost_nano_usd: as_i64(cost),
+                latency_ms: millis(self.arrival.0.elapsed()),
+                ttft_ms: outcome.ttft.map(millis),
+                status: outcome.status.to_owned(),
+                error_kind: outcome.error_kind.map(str::to_owned),
+                cache_hit: false,
+                fallback_from: outcome.fallback_from.map(|p| p.as_str().to_owned()),
+                tokens_estimated: outcome.estimated,
+                created_at: self.arrival.1,
+            },
+            self.alert_threshold_nano,
+        );
         cost
     }
 }

@@ -9,6 +9,7 @@ pub mod openai_codec;
 pub mod ops;
 pub mod tenants;
 pub mod test_llm;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .merge(ops::routes())
         .merge(tenants::routes())
+        .merge(usage::routes())
         .merge(
             openai::routes().route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),

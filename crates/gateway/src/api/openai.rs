@@ -238,15 +238,17 @@ async fn embeddings(
     let tenant = require_tenant(caller)?;
     let parsed = parse_embeddings_request(&body)?;
     let request_id = arrival.2;
-    let meter = Meter {
+    let mut meter = Meter {
         state: state.clone(),
         tenant_id: tenant.id.clone(),
         conversation_id: metering::conversation_id(&headers, None)?,
         request_id: request_id.to_string(),
         endpoint: "embeddings",
         arrival,
+        alert_threshold_nano: None,
     };
     let settings = open_settings(&state, &tenant)?;
+    meter.alert_threshold_nano = metering::alert_threshold_nano(&state, &settings);
     let config = routing::embeddings_config(&state.config.llm, &settings, parsed.model.as_deref())?;
     drop(settings);
     let provider_kind = config.provider;
@@ -331,15 +333,17 @@ async fn chat_completions(
     let tenant = require_tenant(caller)?;
     let parsed = parse_chat_request(&body)?;
     let request_id = arrival.2;
-    let meter = Meter {
+    let mut meter = Meter {
         state: state.clone(),
         tenant_id: tenant.id.clone(),
         conversation_id: metering::conversation_id(&headers, parsed.conversation_id.clone())?,
         request_id: request_id.to_string(),
         endpoint: "chat",
         arrival,
+        alert_threshold_nano: None,
     };
     let settings = open_settings(&state, &tenant)?;
+    meter.alert_threshold_nano = metering::alert_threshold_nano(&state, &settings);
     let (primary, fallback) =
         routing::provider_config(&state.config.llm, &settings, parsed.model.as_deref())?;
     drop(settings);

@@ -46,6 +46,7 @@ async fn test_llm(
     JsonBody(request): JsonBody<TestRequest>,
 ) -> Result<axum::Json<Value>, Failure> {
     let env = &state.config.llm;
+    let mut alert_threshold_nano = None;
     let config = match &caller {
         Caller::Tenant(tenant) => {
             let settings = state.tenants.open(tenant).map_err(|error| {
@@ -68,6 +69,7 @@ async fn test_llm(
                 }
                 (_, model) => model.clone(),
             };
+            alert_threshold_nano = super::metering::alert_threshold_nano(&state, &settings);
             routing::provider_config(env, &settings, spec.as_deref())?.0
         }
         Caller::Admin => {
@@ -87,6 +89,7 @@ async fn test_llm(
         request_id: arrival.2.to_string(),
         endpoint: "test",
         arrival,
+        alert_threshold_nano,
     });
     let (provider_kind, model) = (config.provider, config.model.clone());
     let provider = create_provider(config).map_err(|e| llm_error(&e))?;

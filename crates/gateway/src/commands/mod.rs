@@ -3,3 +3,4 @@
 pub mod serve;
 pub mod tenant;
 pub mod test_providers;
+pub mod usage;

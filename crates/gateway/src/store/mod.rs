@@ -11,7 +11,7 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, SubsecRound, Utc};
 use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
@@ -134,6 +134,170 @@ pub struct UsageRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// Sums over a set of usage records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    /// Requests that reached a provider.
+    pub requests: i64,
+    /// Of those, the ones that failed (`status = 'error'`).
+    pub errors: i64,
+    /// Of those, the ones answered from the response cache.
+    pub cache_hits: i64,
+    /// Prompt tokens.
+    pub input_tokens: i64,
+    /// Generated tokens.
+    pub output_tokens: i64,
+    /// Embedded tokens.
+    pub embedding_tokens: i64,
+    /// Cost in nano-dollars.
+    pub cost_nano_usd: i64,
+}
+
+impl std::ops::AddAssign for UsageTotals {
+    fn add_assign(&mut self, other: Self) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.cache_hits += other.cache_hits;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.embedding_tokens += other.embedding_tokens;
+        self.cost_nano_usd += other.cost_nano_usd;
+    }
+}
+
+impl UsageTotals {
+    /// The totals of one record.
+    pub fn of(record: &UsageRecord) -> Self {
+        Self {
+            requests: 1,
+            errors: i64::from(record.status == "error"),
+            cache_hits: i64::from(record.cache_hit),
+            input_tokens: record.input_tokens,
+            output_tokens: record.output_tokens,
+            embedding_tokens: record.embedding_tokens,
+            cost_nano_usd: record.cost_nano_usd,
+        }
+    }
+}
+
+/// Which records a usage query covers: one tenant's or everyone's, created in `[from, to)`.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageScope<'a> {
+    /// Only this tenant's records, or every tenant's.
+    pub tenant_id: Option<&'a str>,
+    /// First instant covered.
+    pub from: DateTime<Utc>,
+    /// First instant no longer covered.
+    pub to: DateTime<Utc>,
+}
+
+/// What [`Store::usage_grouped`] groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageDimension {
+    /// The UTC day of `created_at`; the key is `YYYY-MM-DD`.
+    Day,
+    /// Provider and model; the key is `(provider, model)`.
+    Model,
+    /// Provider; the key is `(provider, "")`.
+    Provider,
+    /// Tenant; the key is `(tenant_id, "")`.
+    Tenant,
+}
+
+/// One group of [`Store::usage_grouped`]: its two key parts (the second empty when the
+/// dimension has one) and its totals.
+pub type UsageGroup = (String, String, UsageTotals);
+
+/// One conversation's usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationUsage {
+    /// The tenant the conversation belongs to.
+    pub tenant_id: String,
+    /// The conversation id; `None` groups the requests that named no conversation.
+    pub conversation_id: Option<String>,
+    /// Its totals in the range.
+    pub totals: UsageTotals,
+    /// Its first request in the range.
+    pub first_at: DateTime<Utc>,
+    /// Its last request in the range.
+    pub last_at: DateTime<Utc>,
+}
+
+/// A page of conversations, most expensive first, with how many there are in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationPage {
+    /// The conversations of the page.
+    pub conversations: Vec<ConversationUsage>,
+    /// How many conversations the range holds.
+    pub total: u64,
+}
+
+/// One part of a usage range: whole UTC days read from the day rollups, or an edge read from
+/// the records themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RangePart {
+    /// Days `[first, end)` from `usage_daily`.
+    Days(NaiveDate, NaiveDate),
+    /// Records created in `[from, to)`.
+    Records(DateTime<Utc>, DateTime<Utc>),
+}
+
+/// Splits `[from, to)` into the whole UTC days it covers (served by the rollups) and the
+/// partial days at either edge (served by the records).
+fn plan_range(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<RangePart> {
+    if from >= to {
+        return Vec::new();
+    }
+    let midnight = |day: NaiveDate| day.and_time(NaiveTime::MIN).and_utc();
+    let first_whole = if midnight(from.date_naive()) == from {
+        from.date_naive()
+    } else {
+        from.date_naive() + chrono::Days::new(1)
+    };
+    let end_whole = to.date_naive();
+    if first_whole >= end_whole {
+        return vec![RangePart::Records(from, to)];
+    }
+    let mut parts = Vec::with_capacity(3);
+    if from < midnight(first_whole) {
+        parts.push(RangePart::Records(from, midnight(first_whole)));
+    }
+    parts.push(RangePart::Days(first_whole, end_whole));
+    if midnight(end_whole) < to {
+        parts.push(RangePart::Records(midnight(end_whole), to));
+    }
+    parts
+}
+
+/// Adds up groups that several range parts returned for the same key, sorted by key.
+fn merge_groups(parts: Vec<UsageGroup>) -> Vec<UsageGroup> {
+    let mut merged: std::collections::BTreeMap<(String, String), UsageTotals> =
+        std::collections::BTreeMap::new();
+    for (a, b, totals) in parts {
+        *merged.entry((a, b)).or_default() += totals;
+    }
+    merged.into_iter().map(|((a, b), t)| (a, b, t)).collect()
+}
+
+/// Sums a batch of records by tenant, UTC day, provider and model, for the day rollups; sorted
+/// so concurrent writers lock rollup rows in the same order.
+fn rollup_batch(
+    records: &[UsageRecord],
+) -> Vec<((String, NaiveDate, String, String), UsageTotals)> {
+    let mut rollup: std::collections::BTreeMap<(String, NaiveDate, String, String), UsageTotals> =
+        std::collections::BTreeMap::new();
+    for record in records {
+        let key = (
+            record.tenant_id.clone(),
+            record.created_at.date_naive(),
+            record.provider.clone(),
+            record.model.clone(),
+        );
+        *rollup.entry(key).or_default() += UsageTotals::of(record);
+    }
+    rollup.into_iter().collect()
+}
+
 /// Rows per multi-row `INSERT` of usage records: 19 values each stays far below both
 /// databases' limit on bound parameters.
 pub const USAGE_INSERT_CHUNK: usize = 500;
@@ -193,8 +357,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`Store::update_settings`]).
     async fn all_tenant_settings(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError>;
 
-    /// Appends usage records, in multi-row inserts of up to [`USAGE_INSERT_CHUNK`] rows, all in
-    /// one transaction: either every record is stored or none is.
+    /// Appends usage records, in multi-row inserts of up to [`USAGE_INSERT_CHUNK`] rows, and adds
+    /// them to the day rollups, all in one transaction: either every record is stored and
+    /// counted or none is.
     async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
 
     /// A tenant's most recent usage records, newest first, at most `limit`.
@@ -206,6 +371,37 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// How many usage records are stored for `tenant_id`, or for everyone.
     async fn count_usage(&self, tenant_id: Option<&str>) -> Result<u64, StoreError>;
+
+    /// Usage in `scope` summed by `dimension`, computed in SQL: whole UTC days from the day
+    /// rollups, partial days at the edges from the records. Sorted by key.
+    async fn usage_grouped(
+        &self,
+        scope: &UsageScope<'_>,
+        dimension: UsageDimension,
+    ) -> Result<Vec<UsageGroup>, StoreError>;
+
+    /// Usage in `scope` by conversation (tenant and conversation id), most expensive first
+    /// (then most requests, then by id), `limit` from `offset`, with how many there are.
+    async fn usage_by_conversation(
+        &self,
+        scope: &UsageScope<'_>,
+        limit: u32,
+        offset: u64,
+    ) -> Result<ConversationPage, StoreError>;
+
+    /// A tenant's cost on one UTC day so far, in nano-dollars, from the day rollups.
+    async fn day_cost(&self, tenant_id: &str, day: NaiveDate) -> Result<i64, StoreError>;
+
+    /// Records that the cost alert of `tenant_id` for `day` fired. Returns `true` for the
+    /// first caller only (on any replica); later calls for the same tenant and day return
+    /// `false`.
+    async fn claim_cost_alert(
+        &self,
+        tenant_id: &str,
+        day: NaiveDate,
+        threshold_nano: i64,
+        spent_nano: i64,
+    ) -> Result<bool, StoreError>;
 
     /// The stored hash of the admin API key, if one was set.
     async fn admin_key_hash(&self) -> Result<Option<String>, StoreError>;
@@ -277,4 +473,71 @@ fn migrator(migrations: &[EmbeddedMigration]) -> Migrator {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn day(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn whole_days_come_from_rollups_and_edges_from_records() {
+        assert_eq!(
+            plan_range(at("2026-11-01T00:00:00Z"), at("2026-12-01T00:00:00Z")),
+            vec![RangePart::Days(day("2026-11-01"), day("2026-12-01"))]
+        );
+        assert_eq!(
+            plan_range(at("2026-11-01T10:00:00Z"), at("2026-11-04T05:00:00Z")),
+            vec![
+                RangePart::Records(at("2026-11-01T10:00:00Z"), at("2026-11-02T00:00:00Z")),
+                RangePart::Days(day("2026-11-02"), day("2026-11-04")),
+                RangePart::Records(at("2026-11-04T00:00:00Z"), at("2026-11-04T05:00:00Z")),
+            ]
+        );
+        assert_eq!(
+            plan_range(at("2026-11-01T10:00:00Z"), at("2026-11-02T05:00:00Z")),
+            vec![RangePart::Records(
+                at("2026-11-01T10:00:00Z"),
+                at("2026-11-02T05:00:00Z")
+            )]
+        );
+        assert_eq!(
+            plan_range(at("2026-11-01T00:00:00Z"), at("2026-11-01T05:00:00Z")),
+            vec![RangePart::Records(
+                at("2026-11-01T00:00:00Z"),
+                at("2026-11-01T05:00:00Z")
+            )]
+        );
+        assert!(plan_range(at("2026-11-02T00:00:00Z"), at("2026-11-01T00:00:00Z")).is_empty());
+    }
+
+    #[test]
+    fn merged_groups_add_up() {
+        let t = |requests| UsageTotals {
+            requests,
+            cost_nano_usd: requests * 10,
+            ..UsageTotals::default()
+        };
+        let merged = merge_groups(vec![
+            ("b".into(), String::new(), t(1)),
+            ("a".into(), String::new(), t(2)),
+            ("b".into(), String::new(), t(3)),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                ("a".into(), String::new(), t(2)),
+                ("b".into(), String::new(), t(4))
+            ]
+        );
+    }
 }

@@ -5,14 +5,16 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use sqlx::Row;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::{
-    ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
-    USAGE_INSERT_CHUNK, UsageRecord, db_err, migrator, now,
+    ADMIN_KEY_HASH, ConversationPage, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
+    Store, StoreError, TOMBSTONE_LIFETIME, Tenant, USAGE_INSERT_CHUNK, UsageDimension, UsageGroup,
+    UsageRecord, UsageScope, UsageTotals, db_err, merge_groups, migrator, now, plan_range,
+    rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -25,6 +27,11 @@ const MIGRATIONS: &[EmbeddedMigration] = &[
         2,
         "tenant deletions",
         include_str!("../../migrations/postgres/0002_tenant_deletions.sql"),
+    ),
+    (
+        3,
+        "usage rollups",
+        include_str!("../../migrations/postgres/0003_usage_rollups.sql"),
     ),
 ];
 
@@ -277,33 +284,242 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        for chunk in records.chunks(USAGE_INSERT_CHUNK) {
-            let mut insert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                "INSERT INTO usage_records (tenant_id, conversation_id, request_id, endpoint, provider, model, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, latency_ms, ttft_ms, status, error_kind, cache_hit, fallback_from, tokens_estimated, created_at) ",
+        // One statement per chunk with one array parameter per column: PostgreSQL parses and
+        // plans 18 parameters instead of 18 per row, several times faster than VALUES lists.
+        for chunk in records.chunks(USAGE_UNNEST_CHUNK) {
+            let column = |f: fn(&UsageRecord) -> &str| chunk.iter().map(f).collect::<Vec<_>>();
+            let optional =
+                |f: fn(&UsageRecord) -> Option<&str>| chunk.iter().map(f).collect::<Vec<_>>();
+            let number = |f: fn(&UsageRecord) -> i64| chunk.iter().map(f).collect::<Vec<_>>();
+            let flag = |f: fn(&UsageRecord) -> bool| chunk.iter().map(f).collect::<Vec<_>>();
+            sqlx::query(
+                "INSERT INTO usage_records (tenant_id, conversation_id, request_id, endpoint, provider, model, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, latency_ms, ttft_ms, status, error_kind, cache_hit, fallback_from, tokens_estimated, created_at) \
+                 SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::TEXT[], $14::TEXT[], $15::BOOLEAN[], $16::TEXT[], $17::BOOLEAN[], $18::TIMESTAMPTZ[])",
+            )
+            .bind(column(|r| &r.tenant_id))
+            .bind(optional(|r| r.conversation_id.as_deref()))
+            .bind(column(|r| &r.request_id))
+            .bind(column(|r| &r.endpoint))
+            .bind(column(|r| &r.provider))
+            .bind(column(|r| &r.model))
+            .bind(number(|r| r.input_tokens))
+            .bind(number(|r| r.output_tokens))
+            .bind(number(|r| r.embedding_tokens))
+            .bind(number(|r| r.cost_nano_usd))
+            .bind(number(|r| r.latency_ms))
+            .bind(chunk.iter().map(|r| r.ttft_ms).collect::<Vec<_>>())
+            .bind(column(|r| &r.status))
+            .bind(optional(|r| r.error_kind.as_deref()))
+            .bind(flag(|r| r.cache_hit))
+            .bind(optional(|r| r.fallback_from.as_deref()))
+            .bind(flag(|r| r.tokens_estimated))
+            .bind(chunk.iter().map(|r| r.created_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        // Rollup rows are upserted in key order, so two replicas writing batches for the same
+        // tenants lock them in the same order and cannot deadlock.
+        for chunk in rollup_batch(records).chunks(USAGE_INSERT_CHUNK) {
+            let mut upsert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd) ",
             );
-            insert.push_values(chunk, |mut row, record| {
-                row.push_bind(record.tenant_id.clone())
-                    .push_bind(record.conversation_id.clone())
-                    .push_bind(record.request_id.clone())
-                    .push_bind(record.endpoint.clone())
-                    .push_bind(record.provider.clone())
-                    .push_bind(record.model.clone())
-                    .push_bind(record.input_tokens)
-                    .push_bind(record.output_tokens)
-                    .push_bind(record.embedding_tokens)
-                    .push_bind(record.cost_nano_usd)
-                    .push_bind(record.latency_ms)
-                    .push_bind(record.ttft_ms)
-                    .push_bind(record.status.clone())
-                    .push_bind(record.error_kind.clone())
-                    .push_bind(record.cache_hit)
-                    .push_bind(record.fallback_from.clone())
-                    .push_bind(record.tokens_estimated)
-                    .push_bind(record.created_at);
-            });
-            insert.build().execute(&mut *tx).await.map_err(db_err)?;
+            upsert.push_values(
+                chunk,
+                |mut row, ((tenant, day, provider, model), totals)| {
+                    row.push_bind(tenant.clone())
+                        .push_bind(*day)
+                        .push_bind(provider.clone())
+                        .push_bind(model.clone())
+                        .push_bind(totals.requests)
+                        .push_bind(totals.errors)
+                        .push_bind(totals.cache_hits)
+                        .push_bind(totals.input_tokens)
+                        .push_bind(totals.output_tokens)
+                        .push_bind(totals.embedding_tokens)
+                        .push_bind(totals.cost_nano_usd);
+                },
+            );
+            upsert.push(ROLLUP_CONFLICT);
+            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)
+    }
+
+    async fn usage_grouped(
+        &self,
+        scope: &UsageScope<'_>,
+        dimension: UsageDimension,
+    ) -> Result<Vec<UsageGroup>, StoreError> {
+        const RECORD_DAY: &str = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')";
+        let (rollup_keys, rollup_group, record_keys, record_group) = match dimension {
+            UsageDimension::Day => (
+                "to_char(day, 'YYYY-MM-DD') AS k1, '' AS k2".to_owned(),
+                "day".to_owned(),
+                format!("{RECORD_DAY} AS k1, '' AS k2"),
+                RECORD_DAY.to_owned(),
+            ),
+            UsageDimension::Model => (
+                "provider AS k1, model AS k2".to_owned(),
+                "provider, model".to_owned(),
+                "provider AS k1, model AS k2".to_owned(),
+                "provider, model".to_owned(),
+            ),
+            UsageDimension::Provider => (
+                "provider AS k1, '' AS k2".to_owned(),
+                "provider".to_owned(),
+                "provider AS k1, '' AS k2".to_owned(),
+                "provider".to_owned(),
+            ),
+            UsageDimension::Tenant => (
+                "tenant_id AS k1, '' AS k2".to_owned(),
+                "tenant_id".to_owned(),
+                "tenant_id AS k1, '' AS k2".to_owned(),
+                "tenant_id".to_owned(),
+            ),
+        };
+        let tenant_filter = if scope.tenant_id.is_some() {
+            " AND tenant_id = $3"
+        } else {
+            ""
+        };
+        let mut groups = Vec::new();
+        for part in plan_range(scope.from, scope.to) {
+            let rows = match part {
+                RangePart::Days(first, end) => {
+                    let sql = format!(
+                        "SELECT {rollup_keys}, {ROLLUP_SUMS} FROM usage_daily \
+                         WHERE day >= $1 AND day < $2{tenant_filter} GROUP BY {rollup_group}"
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(first).bind(end);
+                    if let Some(tenant) = scope.tenant_id {
+                        query = query.bind(tenant);
+                    }
+                    query.fetch_all(&self.pool).await
+                }
+                RangePart::Records(from, to) => {
+                    let sql = format!(
+                        "SELECT {record_keys}, {RECORD_SUMS} FROM usage_records \
+                         WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
+                         GROUP BY {record_group}"
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(from).bind(to);
+                    if let Some(tenant) = scope.tenant_id {
+                        query = query.bind(tenant);
+                    }
+                    query.fetch_all(&self.pool).await
+                }
+            }
+            .map_err(db_err)?;
+            for row in &rows {
+                groups.push((
+                    row.try_get("k1").map_err(db_err)?,
+                    row.try_get("k2").map_err(db_err)?,
+                    totals_from_row(row)?,
+                ));
+            }
+        }
+        Ok(merge_groups(groups))
+    }
+
+    async fn usage_by_conversation(
+        &self,
+        scope: &UsageScope<'_>,
+        limit: u32,
+        offset: u64,
+    ) -> Result<ConversationPage, StoreError> {
+        let tenant_filter = if scope.tenant_id.is_some() {
+            " AND tenant_id = $5"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT tenant_id, conversation_id, {RECORD_SUMS}, MIN(created_at) AS first_at, \
+             MAX(created_at) AS last_at FROM usage_records \
+             WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
+             GROUP BY tenant_id, conversation_id \
+             ORDER BY SUM(cost_nano_usd) DESC, COUNT(*) DESC, tenant_id, \
+             COALESCE(conversation_id, '') LIMIT $3 OFFSET $4"
+        );
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(scope.from)
+            .bind(scope.to)
+            .bind(i64::from(limit))
+            .bind(offset);
+        if let Some(tenant) = scope.tenant_id {
+            query = query.bind(tenant);
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+        let conversations = rows
+            .iter()
+            .map(|row| {
+                Ok(ConversationUsage {
+                    tenant_id: row.try_get("tenant_id").map_err(db_err)?,
+                    conversation_id: row.try_get("conversation_id").map_err(db_err)?,
+                    totals: totals_from_row(row)?,
+                    first_at: row.try_get("first_at").map_err(db_err)?,
+                    last_at: row.try_get("last_at").map_err(db_err)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let tenant_filter = if scope.tenant_id.is_some() {
+            " AND tenant_id = $3"
+        } else {
+            ""
+        };
+        let count = format!(
+            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM usage_records \
+             WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
+             GROUP BY tenant_id, conversation_id) AS conversations"
+        );
+        let mut count = sqlx::query(sqlx::AssertSqlSafe(count))
+            .bind(scope.from)
+            .bind(scope.to);
+        if let Some(tenant) = scope.tenant_id {
+            count = count.bind(tenant);
+        }
+        let row = count.fetch_one(&self.pool).await.map_err(db_err)?;
+        let total: i64 = row.try_get("n").map_err(db_err)?;
+        Ok(ConversationPage {
+            conversations,
+            total: u64::try_from(total).unwrap_or(0),
+        })
+    }
+
+    async fn day_cost(&self, tenant_id: &str, day: NaiveDate) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(cost_nano_usd), 0)::BIGINT AS n FROM usage_daily \
+             WHERE tenant_id = $1 AND day = $2",
+        )
+        .bind(tenant_id)
+        .bind(day)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.try_get("n").map_err(db_err)
+    }
+
+    async fn claim_cost_alert(
+        &self,
+        tenant_id: &str,
+        day: NaiveDate,
+        threshold_nano: i64,
+        spent_nano: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO cost_alerts (tenant_id, day, threshold_nano, spent_nano, fired_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, day) DO NOTHING",
+        )
+        .bind(tenant_id)
+        .bind(day)
+        .bind(threshold_nano)
+        .bind(spent_nano)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(result.rows_affected() == 1)
     }
 
     async fn recent_usage(
@@ -366,6 +582,46 @@ impl Store for PostgresStore {
         .map(drop)
         .map_err(db_err)
     }
+}
+
+/// Rows per `INSERT … SELECT FROM UNNEST` of usage records.
+const USAGE_UNNEST_CHUNK: usize = 5_000;
+
+/// Adds a batch's rollup rows to the stored ones.
+const ROLLUP_CONFLICT: &str = " ON CONFLICT (tenant_id, day, provider, model) DO UPDATE SET \
+    requests = usage_daily.requests + excluded.requests, \
+    errors = usage_daily.errors + excluded.errors, \
+    cache_hits = usage_daily.cache_hits + excluded.cache_hits, \
+    input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+    output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
+    embedding_tokens = usage_daily.embedding_tokens + excluded.embedding_tokens, \
+    cost_nano_usd = usage_daily.cost_nano_usd + excluded.cost_nano_usd";
+
+/// The totals of a group of rollup rows (`SUM` of BIGINT is NUMERIC in PostgreSQL; cast back).
+const ROLLUP_SUMS: &str = "SUM(requests)::BIGINT AS requests, SUM(errors)::BIGINT AS errors, \
+    SUM(cache_hits)::BIGINT AS cache_hits, SUM(input_tokens)::BIGINT AS input_tokens, \
+    SUM(output_tokens)::BIGINT AS output_tokens, \
+    SUM(embedding_tokens)::BIGINT AS embedding_tokens, \
+    SUM(cost_nano_usd)::BIGINT AS cost_nano_usd";
+
+/// The totals of a group of usage records.
+const RECORD_SUMS: &str = "COUNT(*) AS requests, \
+    COUNT(*) FILTER (WHERE status = 'error') AS errors, \
+    COUNT(*) FILTER (WHERE cache_hit) AS cache_hits, \
+    SUM(input_tokens)::BIGINT AS input_tokens, SUM(output_tokens)::BIGINT AS output_tokens, \
+    SUM(embedding_tokens)::BIGINT AS embedding_tokens, \
+    SUM(cost_nano_usd)::BIGINT AS cost_nano_usd";
+
+fn totals_from_row(row: &PgRow) -> Result<UsageTotals, StoreError> {
+    Ok(UsageTotals {
+        requests: row.try_get("requests").map_err(db_err)?,
+        errors: row.try_get("errors").map_err(db_err)?,
+        cache_hits: row.try_get("cache_hits").map_err(db_err)?,
+        input_tokens: row.try_get("input_tokens").map_err(db_err)?,
+        output_tokens: row.try_get("output_tokens").map_err(db_err)?,
+        embedding_tokens: row.try_get("embedding_tokens").map_err(db_err)?,
+        cost_nano_usd: row.try_get("cost_nano_usd").map_err(db_err)?,
+    })
 }
 
 fn usage_from_row(row: &PgRow) -> Result<UsageRecord, StoreError> {

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use chrono::{DateTime, NaiveDate, SecondsFormat, SubsecRound, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -15,8 +15,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ADMIN_KEY_HASH, EmbeddedMigration, NewTenant, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
-    USAGE_INSERT_CHUNK, UsageRecord, db_err, migrator, next_updated_at, now,
+    ADMIN_KEY_HASH, ConversationPage, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
+    Store, StoreError, TOMBSTONE_LIFETIME, Tenant, USAGE_INSERT_CHUNK, UsageDimension, UsageGroup,
+    UsageRecord, UsageScope, UsageTotals, db_err, merge_groups, migrator, next_updated_at, now,
+    plan_range, rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -29,6 +31,11 @@ const MIGRATIONS: &[EmbeddedMigration] = &[
         2,
         "tenant deletions",
         include_str!("../../migrations/sqlite/0002_tenant_deletions.sql"),
+    ),
+    (
+        3,
+        "usage rollups",
+        include_str!("../../migrations/sqlite/0003_usage_rollups.sql"),
     ),
 ];
 
@@ -388,7 +395,202 @@ impl Store for SqliteStore {
             });
             insert.build().execute(&mut *tx).await.map_err(db_err)?;
         }
+        for chunk in rollup_batch(records).chunks(USAGE_INSERT_CHUNK) {
+            let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd) ",
+            );
+            upsert.push_values(
+                chunk,
+                |mut row, ((tenant, day, provider, model), totals)| {
+                    row.push_bind(tenant.clone())
+                        .push_bind(format_day(*day))
+                        .push_bind(provider.clone())
+                        .push_bind(model.clone())
+                        .push_bind(totals.requests)
+                        .push_bind(totals.errors)
+                        .push_bind(totals.cache_hits)
+                        .push_bind(totals.input_tokens)
+                        .push_bind(totals.output_tokens)
+                        .push_bind(totals.embedding_tokens)
+                        .push_bind(totals.cost_nano_usd);
+                },
+            );
+            upsert.push(ROLLUP_CONFLICT);
+            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
         tx.commit().await.map_err(db_err)
+    }
+
+    async fn usage_grouped(
+        &self,
+        scope: &UsageScope<'_>,
+        dimension: UsageDimension,
+    ) -> Result<Vec<UsageGroup>, StoreError> {
+        let (rollup_keys, rollup_group, record_keys, record_group) = match dimension {
+            UsageDimension::Day => (
+                "day AS k1, '' AS k2",
+                "day",
+                "substr(created_at, 1, 10) AS k1, '' AS k2",
+                "substr(created_at, 1, 10)",
+            ),
+            UsageDimension::Model => (
+                "provider AS k1, model AS k2",
+                "provider, model",
+                "provider AS k1, model AS k2",
+                "provider, model",
+            ),
+            UsageDimension::Provider => (
+                "provider AS k1, '' AS k2",
+                "provider",
+                "provider AS k1, '' AS k2",
+                "provider",
+            ),
+            UsageDimension::Tenant => (
+                "tenant_id AS k1, '' AS k2",
+                "tenant_id",
+                "tenant_id AS k1, '' AS k2",
+                "tenant_id",
+            ),
+        };
+        let tenant_filter = if scope.tenant_id.is_some() {
+            " AND tenant_id = ?3"
+        } else {
+            ""
+        };
+        let mut groups = Vec::new();
+        for part in plan_range(scope.from, scope.to) {
+            let (sql, low, high) = match part {
+                RangePart::Days(first, end) => (
+                    format!(
+                        "SELECT {rollup_keys}, {ROLLUP_SUMS} FROM usage_daily \
+                         WHERE day >= ?1 AND day < ?2{tenant_filter} GROUP BY {rollup_group}"
+                    ),
+                    format_day(first),
+                    format_day(end),
+                ),
+                RangePart::Records(from, to) => (
+                    format!(
+                        "SELECT {record_keys}, {RECORD_SUMS} FROM usage_records \
+                         WHERE created_at >= ?1 AND created_at < ?2{tenant_filter} \
+                         GROUP BY {record_group}"
+                    ),
+                    format_ts(from),
+                    format_ts(to),
+                ),
+            };
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(low).bind(high);
+            if let Some(tenant) = scope.tenant_id {
+                query = query.bind(tenant);
+            }
+            let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+            for row in &rows {
+                groups.push((
+                    row.try_get("k1").map_err(db_err)?,
+                    row.try_get("k2").map_err(db_err)?,
+                    totals_from_row(row)?,
+                ));
+            }
+        }
+        Ok(merge_groups(groups))
+    }
+
+    async fn usage_by_conversation(
+        &self,
+        scope: &UsageScope<'_>,
+        limit: u32,
+        offset: u64,
+    ) -> Result<ConversationPage, StoreError> {
+        let tenant_filter = if scope.tenant_id.is_some() {
+            " AND tenant_id = ?3"
+        } else {
+            ""
+        };
+        let from = format_ts(scope.from);
+        let to = format_ts(scope.to);
+        let sql = format!(
+            "SELECT tenant_id, conversation_id, {RECORD_SUMS}, MIN(created_at) AS first_at, \
+             MAX(created_at) AS last_at FROM usage_records \
+             WHERE created_at >= ?1 AND created_at < ?2{tenant_filter} \
+             GROUP BY tenant_id, conversation_id \
+             ORDER BY SUM(cost_nano_usd) DESC, COUNT(*) DESC, tenant_id, \
+             COALESCE(conversation_id, '') LIMIT ?4 OFFSET ?5"
+        );
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&from)
+            .bind(&to)
+            .bind(scope.tenant_id.unwrap_or_default())
+            .bind(i64::from(limit))
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let conversations = rows
+            .iter()
+            .map(|row| {
+                let first_at: String = row.try_get("first_at").map_err(db_err)?;
+                let last_at: String = row.try_get("last_at").map_err(db_err)?;
+                Ok(ConversationUsage {
+                    tenant_id: row.try_get("tenant_id").map_err(db_err)?,
+                    conversation_id: row.try_get("conversation_id").map_err(db_err)?,
+                    totals: totals_from_row(row)?,
+                    first_at: parse_ts(&first_at)?,
+                    last_at: parse_ts(&last_at)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let count = format!(
+            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM usage_records \
+             WHERE created_at >= ?1 AND created_at < ?2{tenant_filter} \
+             GROUP BY tenant_id, conversation_id)"
+        );
+        let mut count = sqlx::query(sqlx::AssertSqlSafe(count))
+            .bind(&from)
+            .bind(&to);
+        if let Some(tenant) = scope.tenant_id {
+            count = count.bind(tenant);
+        }
+        let row = count.fetch_one(&self.pool).await.map_err(db_err)?;
+        let total: i64 = row.try_get("n").map_err(db_err)?;
+        Ok(ConversationPage {
+            conversations,
+            total: u64::try_from(total).unwrap_or(0),
+        })
+    }
+
+    async fn day_cost(&self, tenant_id: &str, day: NaiveDate) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(cost_nano_usd), 0) AS n FROM usage_daily \
+             WHERE tenant_id = ?1 AND day = ?2",
+        )
+        .bind(tenant_id)
+        .bind(format_day(day))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.try_get("n").map_err(db_err)
+    }
+
+    async fn claim_cost_alert(
+        &self,
+        tenant_id: &str,
+        day: NaiveDate,
+        threshold_nano: i64,
+        spent_nano: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO cost_alerts (tenant_id, day, threshold_nano, spent_nano, fired_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (tenant_id, day) DO NOTHING",
+        )
+        .bind(tenant_id)
+        .bind(format_day(day))
+        .bind(threshold_nano)
+        .bind(spent_nano)
+        .bind(format_ts(now()))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(result.rows_affected() == 1)
     }
 
     async fn recent_usage(
@@ -451,6 +653,45 @@ impl Store for SqliteStore {
         .map(drop)
         .map_err(db_err)
     }
+}
+
+/// Adds a batch's rollup rows to the stored ones.
+const ROLLUP_CONFLICT: &str = " ON CONFLICT (tenant_id, day, provider, model) DO UPDATE SET \
+    requests = usage_daily.requests + excluded.requests, \
+    errors = usage_daily.errors + excluded.errors, \
+    cache_hits = usage_daily.cache_hits + excluded.cache_hits, \
+    input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+    output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
+    embedding_tokens = usage_daily.embedding_tokens + excluded.embedding_tokens, \
+    cost_nano_usd = usage_daily.cost_nano_usd + excluded.cost_nano_usd";
+
+/// The totals of a group of rollup rows.
+const ROLLUP_SUMS: &str = "SUM(requests) AS requests, SUM(errors) AS errors, \
+    SUM(cache_hits) AS cache_hits, SUM(input_tokens) AS input_tokens, \
+    SUM(output_tokens) AS output_tokens, SUM(embedding_tokens) AS embedding_tokens, \
+    SUM(cost_nano_usd) AS cost_nano_usd";
+
+/// The totals of a group of usage records.
+const RECORD_SUMS: &str = "COUNT(*) AS requests, \
+    SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS errors, \
+    SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS cache_hits, \
+    SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, \
+    SUM(embedding_tokens) AS embedding_tokens, SUM(cost_nano_usd) AS cost_nano_usd";
+
+fn format_day(day: NaiveDate) -> String {
+    day.format("%Y-%m-%d").to_string()
+}
+
+fn totals_from_row(row: &SqliteRow) -> Result<UsageTotals, StoreError> {
+    Ok(UsageTotals {
+        requests: row.try_get("requests").map_err(db_err)?,
+        errors: row.try_get("errors").map_err(db_err)?,
+        cache_hits: row.try_get("cache_hits").map_err(db_err)?,
+        input_tokens: row.try_get("input_tokens").map_err(db_err)?,
+        output_tokens: row.try_get("output_tokens").map_err(db_err)?,
+        embedding_tokens: row.try_get("embedding_tokens").map_err(db_err)?,
+        cost_nano_usd: row.try_get("cost_nano_usd").map_err(db_err)?,
+    })
 }
 
 fn usage_from_row(row: &SqliteRow) -> Result<UsageRecord, StoreError> {
