@@ -235,6 +235,9 @@ impl ReportParams {
                 .map(midnight)
                 .ok_or_else(|| QueryError::new("to", "out of range"))?,
         };
+        // The databases keep microseconds: a finer instant is rounded up to the next one, so a
+        // record is inside the period exactly when its stored time is.
+        let (from, to) = (ceil_micros(from), ceil_micros(to));
         if from >= to {
             return Err(QueryError::new("from", "must be before `to`"));
         }
@@ -280,6 +283,16 @@ impl ReportParams {
 enum Edge {
     Start,
     End,
+}
+
+/// `t` rounded up to a whole microsecond.
+fn ceil_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    let rest = t.timestamp_subsec_nanos() % 1_000;
+    if rest == 0 {
+        return t;
+    }
+    t.checked_add_signed(chrono::TimeDelta::nanoseconds(i64::from(1_000 - rest)))
+        .unwrap_or(t)
 }
 
 fn midnight(day: NaiveDate) -> DateTime<Utc> {
@@ -645,6 +658,17 @@ mod tests {
             .is_ok()
         );
         assert_eq!(param(&[("to", "+262142-12-31")]), "to");
+    }
+
+    #[test]
+    fn instants_finer_than_a_microsecond_round_up() {
+        let q = query(&[
+            ("from", "2026-03-01T00:00:00.0000005Z"),
+            ("to", "2026-03-02T00:00:00.000001001Z"),
+        ])
+        .unwrap();
+        assert_eq!(q.from, at("2026-03-01T00:00:00.000001Z"));
+        assert_eq!(q.to, at("2026-03-02T00:00:00.000002Z"));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! | `meta_chat_usage_queue_depth` | gauge | |
 //! | `meta_chat_usage_dropped_total` | counter | |
 //! | `meta_chat_usage_written_total` | counter | |
+//! | `meta_chat_redis_errors_total` | counter | `operation` (`rate_limit`, `budget`, `tokens`, `cache_get`, `cache_put`) |
 //!
 //! Label values are bounded, so the number of series is too: endpoints, error kinds and
 //! reasons are `&'static str` codes; statuses are HTTP codes; providers are the known
@@ -125,6 +126,12 @@ pub struct Metrics {
     usage_queue_depth: Gauge<i64, AtomicI64>,
     usage_dropped: Counter,
     usage_written: Counter,
+    redis_errors: Family<OperationLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
 }
 
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
@@ -337,6 +344,12 @@ impl Metrics {
             "Usage records written to the database",
             usage_written.clone(),
         );
+        let redis_errors = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Redis operations that failed or timed out (the request went on without them), by operation",
+            redis_errors.clone(),
+        );
         Self {
             registry,
             prices,
@@ -354,7 +367,15 @@ impl Metrics {
             usage_queue_depth,
             usage_dropped,
             usage_written,
+            redis_errors,
         }
+    }
+
+    /// Counts a Redis operation that failed or timed out.
+    pub fn record_redis_error(&self, operation: &'static str) {
+        self.redis_errors
+            .get_or_create(&OperationLabels { operation })
+            .inc();
     }
 
     /// The `model` label for `model` at `provider`: the price table's name for it, or

@@ -438,8 +438,8 @@ impl Store for PostgresStore {
              MAX(created_at) AS last_at FROM usage_records \
              WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
              GROUP BY tenant_id, conversation_id \
-             ORDER BY SUM(cost_nano_usd) DESC, COUNT(*) DESC, tenant_id, \
-             COALESCE(conversation_id, '') LIMIT $3 OFFSET $4"
+             ORDER BY SUM(cost_nano_usd) DESC, COUNT(*) DESC, tenant_id COLLATE \"C\", \
+             COALESCE(conversation_id, '') COLLATE \"C\" LIMIT $3 OFFSET $4"
         );
         let offset = i64::try_from(offset).unwrap_or(i64::MAX);
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
