@@ -8,9 +8,12 @@ use secrecy::ExposeSecret;
 
 use crate::alerts::{CostAlerts, WebhookConfig};
 use crate::api::AppState;
+use crate::cache::ResponseCache;
 use crate::config::{Config, DatabaseKind};
 use crate::crypto::{self, Cipher, CryptoError};
+use crate::limits::{Clock, Counters, Limits, SystemClock};
 use crate::metrics::Metrics;
+use crate::redis_conn::Redis;
 use crate::store::{self, Store, StoreError};
 use crate::tenant_cache::TenantCache;
 use crate::tenants::Tenants;
@@ -140,6 +143,16 @@ pub async fn ensure_admin_key(
 /// Everything the HTTP API needs: the store (migrated), the cipher, tenant operations and the
 /// admin key (see [`ensure_admin_key`]; print [`AdminKey::generated`] if set).
 pub async fn app_state(config: Config) -> Result<(AppState, AdminKey), StartupError> {
+    app_state_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// [`app_state`] with the limiter reading `clock` (tests move time with a [`ManualClock`]).
+///
+/// [`ManualClock`]: crate::limits::ManualClock
+pub async fn app_state_with_clock(
+    config: Config,
+    clock: Arc<dyn Clock>,
+) -> Result<(AppState, AdminKey), StartupError> {
     let cipher = open_cipher(&config)?;
     let store = open_store(&config).await?;
     let admin_key = ensure_admin_key(store.as_ref(), &config).await?;
@@ -165,6 +178,28 @@ pub async fn app_state(config: Config) -> Result<(AppState, AdminKey), StartupEr
     } else {
         UsageRecorder::disabled()
     };
+    let (counters, cache) = match &config.redis_url {
+        Some(url) => {
+            let redis = Redis::open(
+                url,
+                &config.redis_key_prefix,
+                config.redis_timeout,
+                Arc::clone(&metrics),
+            )
+            .map_err(|message| {
+                StartupError::Config(meta_chat_llm::EnvError {
+                    variable: "REDIS_URL",
+                    message,
+                })
+            })?;
+            (Counters::Redis(redis.clone()), ResponseCache::Redis(redis))
+        }
+        None => (
+            Counters::memory(),
+            ResponseCache::memory(config.cache_max_bytes),
+        ),
+    };
+    let limits = Limits::new(counters, Arc::clone(&store), clock, config.limits_fail_open);
     let state = AppState {
         config: Arc::new(config),
         store,
@@ -172,6 +207,8 @@ pub async fn app_state(config: Config) -> Result<(AppState, AdminKey), StartupEr
         tenant_cache,
         metrics,
         usage,
+        limits,
+        cache,
         admin_key_hash: Arc::new(admin_key.hash.clone()),
     };
     Ok((state, admin_key))

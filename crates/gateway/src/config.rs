@@ -42,6 +42,18 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// `MAX_BODY_BYTES`: larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// `REDIS_KEY_PREFIX`: every key the gateway writes to Redis starts with it.
+    pub redis_key_prefix: String,
+    /// `REDIS_TIMEOUT_MS`: the longest a request waits for Redis.
+    pub redis_timeout: std::time::Duration,
+    /// `LIMITS_FAIL_OPEN`: admit requests when the limiter's Redis cannot be reached.
+    pub limits_fail_open: bool,
+    /// `DEFAULT_REQUESTS_PER_MINUTE`: for tenants without `rateLimit.requestsPerMinute`.
+    pub default_requests_per_minute: Option<u64>,
+    /// `DEFAULT_TOKENS_PER_DAY`: for tenants without `rateLimit.tokensPerDay`.
+    pub default_tokens_per_day: Option<u64>,
+    /// `CACHE_MAX_BYTES`: the in-process response cache's size.
+    pub cache_max_bytes: u64,
 }
 
 impl Config {
@@ -139,6 +151,35 @@ impl Config {
                 }
             },
         };
+        let positive = |name: &'static str, what: &str| -> Result<Option<u64>, EnvError> {
+            match get(name) {
+                None => Ok(None),
+                Some(raw) => match raw.trim().parse::<u64>() {
+                    Ok(v) if v >= 1 => Ok(Some(v)),
+                    _ => Err(invalid(name, format!("`{raw}` is not {what}"))),
+                },
+            }
+        };
+        let redis_key_prefix = get("REDIS_KEY_PREFIX").unwrap_or_else(|| "meta-chat:".into());
+        let redis_timeout = std::time::Duration::from_millis(
+            positive("REDIS_TIMEOUT_MS", "a number of milliseconds ≥ 1")?.unwrap_or(250),
+        );
+        let limits_fail_open = match get("LIMITS_FAIL_OPEN").as_deref().map(str::trim) {
+            None => true,
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
+            Some(v) => {
+                return Err(invalid(
+                    "LIMITS_FAIL_OPEN",
+                    format!("`{v}` is not true or false"),
+                ));
+            }
+        };
+        let default_requests_per_minute =
+            positive("DEFAULT_REQUESTS_PER_MINUTE", "a whole number ≥ 1")?;
+        let default_tokens_per_day = positive("DEFAULT_TOKENS_PER_DAY", "a whole number ≥ 1")?;
+        let cache_max_bytes =
+            positive("CACHE_MAX_BYTES", "a size in bytes ≥ 1")?.unwrap_or(64 * 1024 * 1024);
         Ok(Self {
             llm,
             database_url,
@@ -152,6 +193,12 @@ impl Config {
             cost_alert_webhook_url,
             redis_url,
             max_body_bytes,
+            redis_key_prefix,
+            redis_timeout,
+            limits_fail_open,
+            default_requests_per_minute,
+            default_tokens_per_day,
+            cache_max_bytes,
         })
     }
 }

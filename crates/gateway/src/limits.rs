@@ -228,21 +228,28 @@ impl Limits {
         &self.clock
     }
 
-    /// Checks `tenant`'s limits for one request whose worst-case cost is `worst_case_nano`,
-    /// and reserves that cost against its budgets.
+    /// Checks all of `tenant`'s limits for one request whose worst-case cost is
+    /// `worst_case_nano`, and reserves that cost against its budgets:
+    /// [`Self::check_rate`] then [`Self::reserve`].
     pub async fn admit(
         &self,
         tenant: &str,
         limits: &TenantLimits,
         worst_case_nano: i64,
     ) -> Result<Admission, Refusal> {
-        let mut admission = Admission::default();
-        if !limits.any() {
-            return Ok(admission);
-        }
-        let now = self.clock.now();
-        let today = now.date_naive();
+        let headers = self.check_rate(tenant, limits).await?;
+        self.reserve(tenant, limits, worst_case_nano, headers).await
+    }
 
+    /// Counts one request against `tenant`'s requests per minute. Returns the
+    /// `x-ratelimit-*-requests` headers.
+    pub async fn check_rate(
+        &self,
+        tenant: &str,
+        limits: &TenantLimits,
+    ) -> Result<Vec<(&'static str, String)>, Refusal> {
+        let mut admission = Admission::default();
+        let now = self.clock.now();
         if let Some(per_minute) = limits.requests_per_minute {
             let key = format!("rl:{tenant}");
             match self.counters.gcra(&key, now, per_minute).await {
@@ -272,7 +279,24 @@ impl Limits {
                 Err(error) => self.unavailable(error, &admission)?,
             }
         }
+        Ok(admission.headers)
+    }
 
+    /// Checks `tenant`'s tokens per day and reserves `worst_case_nano` against its budgets,
+    /// adding the `x-ratelimit-*-tokens` headers to `headers`.
+    pub async fn reserve(
+        &self,
+        tenant: &str,
+        limits: &TenantLimits,
+        worst_case_nano: i64,
+        headers: Vec<(&'static str, String)>,
+    ) -> Result<Admission, Refusal> {
+        let mut admission = Admission {
+            headers,
+            settlement: None,
+        };
+        let now = self.clock.now();
+        let today = now.date_naive();
         let mut tokens_key = None;
         if let Some(per_day) = limits.tokens_per_day {
             let key = format!("tpd:{tenant}:{today}");
@@ -280,7 +304,7 @@ impl Limits {
             // Admitted while the day's total is under the limit: reserve nothing against
             // `limit - 1`.
             match self
-                .reserve(tenant, &[(key.clone(), limit - 1, Window::Day(today))], 0)
+                .reserve_windows(tenant, &[(key.clone(), limit - 1, Window::Day(today))], 0)
                 .await
             {
                 Ok(Ok(values)) => {
@@ -335,7 +359,7 @@ impl Limits {
                 ));
             }
             let amount = worst_case_nano.max(0);
-            match self.reserve(tenant, &windows, amount).await {
+            match self.reserve_windows(tenant, &windows, amount).await {
                 Ok(Ok(_)) => {
                     reservation = Some((windows.into_iter().map(|w| w.0).collect(), amount));
                 }
@@ -387,7 +411,7 @@ impl Limits {
 
     /// Reserves `amount` against every window, seeding windows the counters do not hold yet
     /// from the recorded usage.
-    async fn reserve(
+    async fn reserve_windows(
         &self,
         tenant: &str,
         windows: &[(String, i64, Window)],

@@ -64,6 +64,31 @@ pub struct Meter {
     pub arrival: Arrival,
     /// The tenant's daily cost alert threshold in nano-dollars ([`alert_threshold_nano`]).
     pub alert_threshold_nano: Option<i64>,
+    /// The budget reservation and token charge to settle when the request is recorded.
+    pub settlement: Option<std::sync::Arc<crate::limits::Settlement>>,
+}
+
+impl Meter {
+    /// A meter for a `tenant`'s request to `endpoint`; thresholds and settlement are set once
+    /// the tenant's settings are read.
+    pub fn new(
+        state: &AppState,
+        tenant: &str,
+        conversation_id: Option<String>,
+        endpoint: &'static str,
+        arrival: Arrival,
+    ) -> Self {
+        Self {
+            state: state.clone(),
+            tenant_id: tenant.to_owned(),
+            conversation_id,
+            request_id: arrival.2.to_string(),
+            endpoint,
+            arrival,
+            alert_threshold_nano: None,
+            settlement: None,
+        }
+    }
 }
 
 /// A tenant's daily cost alert threshold in nano-dollars: its `costAlertThreshold`, else
@@ -104,6 +129,8 @@ pub struct Outcome {
     pub fallback_from: Option<ProviderKind>,
     /// Token counts are estimates.
     pub estimated: bool,
+    /// Answered from the response cache: no provider was called, nothing is billed.
+    pub cache_hit: bool,
 }
 
 impl Outcome {
@@ -120,6 +147,7 @@ impl Outcome {
             error_kind: None,
             fallback_from: None,
             estimated: false,
+            cache_hit: false,
         }
     }
 
@@ -154,10 +182,32 @@ impl Meter {
         chat.nano_usd.saturating_add(embedding.nano_usd)
     }
 
-    /// Counts `outcome` in the metrics and hands its record to the usage writer (never
-    /// waits). Returns its cost in nano-dollars.
+    /// Counts `outcome` in the metrics, settles the request's budget reservation and token
+    /// charge, and hands its record to the usage writer (never waits). Returns its cost in
+    /// nano-dollars. A cache hit costs nothing and is recorded with no tokens.
     pub fn record(&self, outcome: &Outcome) -> u64 {
+        let billed;
+        let outcome = if outcome.cache_hit {
+            billed = Outcome {
+                usage: Usage::default(),
+                embedding_tokens: 0,
+                ..outcome.clone()
+            };
+            &billed
+        } else {
+            outcome
+        };
         let cost = self.cost_nano_usd(outcome);
+        if let Some(settlement) = &self.settlement {
+            let tokens = outcome
+                .usage
+                .input_tokens
+                .saturating_add(outcome.usage.output_tokens);
+            settlement.settle(
+                i64::try_from(cost).unwrap_or(i64::MAX),
+                i64::try_from(tokens).unwrap_or(i64::MAX),
+            );
+        }
         let http_status = match outcome.status {
             "cancelled" => 499,
             _ => outcome.http_status,
@@ -199,7 +249,7 @@ impl Meter {
                 ttft_ms: outcome.ttft.map(millis),
                 status: outcome.status.to_owned(),
                 error_kind: outcome.error_kind.map(str::to_owned),
-                cache_hit: false,
+                cache_hit: outcome.cache_hit,
                 fallback_from: outcome.fallback_from.map(|p| p.as_str().to_owned()),
                 tokens_estimated: outcome.estimated,
                 created_at: self.arrival.1,

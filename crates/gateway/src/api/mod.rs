@@ -1,5 +1,6 @@
 //! The HTTP API: the router, shared state and the operational endpoints.
 
+pub mod admission;
 pub mod auth;
 pub mod error;
 pub mod json;
@@ -42,6 +43,10 @@ pub struct AppState {
     pub usage: UsageRecorder,
     /// Prometheus metrics, served at `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Rate limits and budgets.
+    pub limits: crate::limits::Limits,
+    /// The response cache.
+    pub cache: crate::cache::ResponseCache,
     /// SHA-256 hex of the admin API key (see [`crate::bootstrap::ensure_admin_key`]).
     pub admin_key_hash: Arc<String>,
 }

@@ -22,18 +22,20 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use meta_chat_llm::{
     ChunkStream, FallbackChain, FallbackEntry, FallbackExhausted, LlmError, LlmProvider,
-    ProviderConfig, ProviderKind, StreamChunk, Usage, create_provider, pricing::format_usd,
+    ProviderConfig, ProviderKind, StreamAccumulator, Usage, create_provider, pricing::format_usd,
 };
 
 use super::AppState;
+use super::admission;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::json::RawBody;
 use super::metering::{self, Meter, Outcome, estimate_input_tokens};
 use super::openai_codec::{
-    ChunkEncoder, SSE_DONE, completion_json, embeddings_json, models_json, parse_chat_request,
-    parse_embeddings_request, sse_data,
+    ChatCompletionsRequest, ChunkEncoder, SSE_DONE, completion_json, embeddings_json, models_json,
+    parse_chat_request, parse_embeddings_request, sse_data,
 };
+use crate::cache::{CachedAnswer, ResponseCache};
 use crate::routing;
 use crate::settings::TenantSettings;
 use crate::store::Tenant;
@@ -158,6 +160,7 @@ pub struct Failure {
     error: ApiError,
     retry_after: Option<Duration>,
     reached_provider: bool,
+    headers: Vec<(&'static str, String)>,
 }
 
 impl From<ApiError> for Failure {
@@ -166,6 +169,23 @@ impl From<ApiError> for Failure {
             error,
             retry_after: None,
             reached_provider: false,
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl Failure {
+    /// A refusal by a limit: `error` with `Retry-After` and the `x-ratelimit-*` headers.
+    pub fn limited(
+        error: ApiError,
+        retry_after: Duration,
+        headers: Vec<(&'static str, String)>,
+    ) -> Self {
+        Self {
+            error,
+            retry_after: Some(retry_after),
+            reached_provider: false,
+            headers,
         }
     }
 }
@@ -177,12 +197,12 @@ impl IntoResponse for Failure {
             response.extensions_mut().insert(ProviderReached);
         }
         if let Some(after) = self.retry_after {
-            // Whole seconds, rounded up, at least 1.
-            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            response.headers_mut().insert(
+                RETRY_AFTER,
+                HeaderValue::from(crate::limits::retry_after_seconds(after)),
+            );
         }
+        put_headers(&mut response, &self.headers);
         response
     }
 }
@@ -238,19 +258,31 @@ async fn embeddings(
     let tenant = require_tenant(caller)?;
     let parsed = parse_embeddings_request(&body)?;
     let request_id = arrival.2;
-    let mut meter = Meter {
-        state: state.clone(),
-        tenant_id: tenant.id.clone(),
-        conversation_id: metering::conversation_id(&headers, None)?,
-        request_id: request_id.to_string(),
-        endpoint: "embeddings",
+    let mut meter = Meter::new(
+        &state,
+        &tenant.id,
+        metering::conversation_id(&headers, None)?,
+        "embeddings",
         arrival,
-        alert_threshold_nano: None,
-    };
+    );
     let settings = open_settings(&state, &tenant)?;
     meter.alert_threshold_nano = metering::alert_threshold_nano(&state, &settings);
+    let limits = admission::tenant_limits(&state, &settings);
     let config = routing::embeddings_config(&state.config.llm, &settings, parsed.model.as_deref())?;
     drop(settings);
+    // Embedding tokens are not chat tokens: requests per minute and budgets apply, tokens per
+    // day does not.
+    let limits = crate::limits::TenantLimits {
+        tokens_per_day: None,
+        ..limits
+    };
+    let worst_case = admission::worst_case_embedding_cost(&state, &config, &parsed.request.input);
+    let admitted = state
+        .limits
+        .admit(&tenant.id, &limits, worst_case)
+        .await
+        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
+    meter.settlement = admitted.settlement;
     let provider_kind = config.provider;
     let model = config.embedding_model.clone().unwrap_or_default();
     let provider = create_provider(config).map_err(|e| llm_error(&e))?;
@@ -282,6 +314,8 @@ async fn embeddings(
         Some(&cost),
         request_id,
         arrival.overhead(upstream),
+        CacheStatus::Miss,
+        &admitted.headers,
     );
     Ok(answer)
 }
@@ -333,25 +367,65 @@ async fn chat_completions(
     let tenant = require_tenant(caller)?;
     let parsed = parse_chat_request(&body)?;
     let request_id = arrival.2;
-    let mut meter = Meter {
-        state: state.clone(),
-        tenant_id: tenant.id.clone(),
-        conversation_id: metering::conversation_id(&headers, parsed.conversation_id.clone())?,
-        request_id: request_id.to_string(),
-        endpoint: "chat",
+    let mut meter = Meter::new(
+        &state,
+        &tenant.id,
+        metering::conversation_id(&headers, parsed.conversation_id.clone())?,
+        "chat",
         arrival,
-        alert_threshold_nano: None,
-    };
+    );
     let settings = open_settings(&state, &tenant)?;
     meter.alert_threshold_nano = metering::alert_threshold_nano(&state, &settings);
+    let limits = admission::tenant_limits(&state, &settings);
+    let cache_ttl = admission::cache_ttl(&settings);
     let (primary, fallback) =
         routing::provider_config(&state.config.llm, &settings, parsed.model.as_deref())?;
     drop(settings);
+    let completion_id = format!("chatcmpl-{}", request_id.simple());
+    let created = chrono::Utc::now().timestamp();
+
+    // Requests per minute count every request, cached or not.
+    let rate_headers = state
+        .limits
+        .check_rate(&tenant.id, &limits)
+        .await
+        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
+
+    let cache_key = cache_ttl.map(|_| ResponseCache::key(&tenant.id, &primary, &parsed.request));
+    if let Some(key) = &cache_key
+        && let Some(hit) = state.cache.get(key).await
+    {
+        state.metrics.record_cache_hit(&tenant.id);
+        let reply = Reply {
+            completion_id,
+            created,
+            request_id,
+            rate_headers,
+        };
+        return Ok(cached_answer(&meter, hit, &parsed, reply));
+    }
+
+    // Tokens per day and budgets are for requests that will reach a provider.
+    let worst_case = admission::worst_case_cost(
+        &state,
+        std::iter::once(&primary).chain(fallback.iter().map(|(_, config)| config)),
+        &parsed.request,
+    );
+    let admitted = state
+        .limits
+        .reserve(&tenant.id, &limits, worst_case, rate_headers)
+        .await
+        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
+    meter.settlement = admitted.settlement;
+    let cache_fill = cache_key.zip(cache_ttl).map(|(key, ttl)| CacheFill {
+        cache: state.cache.clone(),
+        key,
+        ttl,
+    });
+
     let input_estimate = estimate_input_tokens(&parsed.request);
     let pending = meter.pending(primary.provider, &primary.model, input_estimate);
     let chain = build_chain(primary, fallback);
-    let completion_id = format!("chatcmpl-{}", request_id.simple());
-    let created = chrono::Utc::now().timestamp();
     let mut upstream = Duration::ZERO;
 
     if parsed.stream {
@@ -373,12 +447,11 @@ async fn chat_completions(
                 fallback_from: served.failed.first().map(|f| f.provider),
                 ttft: arrival.0.elapsed(),
                 input_estimate,
+                cache_hit: false,
+                cache_fill,
             },
         );
-        let mut response = Response::new(body);
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let mut response = sse_response(body);
         set_headers(
             &mut response,
             served.provider,
@@ -386,6 +459,8 @@ async fn chat_completions(
             None,
             request_id,
             arrival.overhead(upstream),
+            CacheStatus::Miss,
+            &admitted.headers,
         );
         return Ok(response);
     }
@@ -408,6 +483,17 @@ async fn chat_completions(
         shown_model,
         Some(&cost),
     );
+    if let Some(fill) = cache_fill {
+        fill.cache.put_later(
+            fill.key,
+            CachedAnswer {
+                provider: served.provider,
+                model: served.model.clone(),
+                response: served.value.clone(),
+            },
+            fill.ttl,
+        );
+    }
     let mut response = axum::Json(json).into_response();
     set_headers(
         &mut response,
@@ -416,10 +502,127 @@ async fn chat_completions(
         Some(&cost),
         request_id,
         arrival.overhead(upstream),
+        CacheStatus::Miss,
+        &admitted.headers,
     );
     Ok(response)
 }
 
+/// Where a fresh answer is cached.
+struct CacheFill {
+    cache: ResponseCache,
+    key: String,
+    ttl: Duration,
+}
+
+/// What every answer to a chat request carries.
+struct Reply {
+    completion_id: String,
+    created: i64,
+    request_id: uuid::Uuid,
+    rate_headers: Vec<(&'static str, String)>,
+}
+
+/// An answer from the cache: the stored completion, as JSON or replayed as a stream; recorded
+/// as a hit that cost nothing.
+fn cached_answer(
+    meter: &Meter,
+    hit: CachedAnswer,
+    parsed: &ChatCompletionsRequest,
+    reply: Reply,
+) -> Response {
+    let overhead = meter.arrival.0.elapsed();
+    if parsed.stream {
+        let chunks = admission::replay_chunks(&hit.response);
+        let stream: ChunkStream = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
+        let body = sse_body(
+            stream,
+            ChunkEncoder::new(
+                reply.completion_id,
+                reply.created,
+                hit.model.clone(),
+                parsed.include_usage,
+            ),
+            StreamContext {
+                meter: meter.clone(),
+                provider: hit.provider,
+                model: hit.model.clone(),
+                fallback_from: None,
+                ttft: meter.arrival.0.elapsed(),
+                input_estimate: 0,
+                cache_hit: true,
+                cache_fill: None,
+            },
+        );
+        let mut response = sse_response(body);
+        set_headers(
+            &mut response,
+            hit.provider,
+            &hit.model,
+            None,
+            reply.request_id,
+            overhead,
+            CacheStatus::Hit,
+            &reply.rate_headers,
+        );
+        return response;
+    }
+    let mut outcome = Outcome::ok(hit.provider, &hit.model, hit.response.usage);
+    outcome.cache_hit = true;
+    let cost = format_usd(meter.record(&outcome));
+    let shown_model = if hit.response.model.is_empty() {
+        hit.model.as_str()
+    } else {
+        hit.response.model.as_str()
+    };
+    let json = completion_json(
+        &hit.response,
+        &reply.completion_id,
+        reply.created,
+        shown_model,
+        Some(&cost),
+    );
+    let mut response = axum::Json(json).into_response();
+    set_headers(
+        &mut response,
+        hit.provider,
+        &hit.model,
+        Some(&cost),
+        reply.request_id,
+        overhead,
+        CacheStatus::Hit,
+        &reply.rate_headers,
+    );
+    response
+}
+
+fn sse_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Adds `headers` (static names, such as the `x-ratelimit-*` ones) to `response`.
+fn put_headers(response: &mut Response, headers: &[(&'static str, String)]) {
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+    }
+}
+
+/// Whether the answer came from the response cache (`x-meta-chat-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheStatus {
+    Hit,
+    Miss,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn set_headers(
     response: &mut Response,
     provider: ProviderKind,
@@ -427,7 +630,10 @@ fn set_headers(
     cost: Option<&str>,
     request_id: uuid::Uuid,
     overhead: Duration,
+    cache: CacheStatus,
+    limit_headers: &[(&'static str, String)],
 ) {
+    put_headers(response, limit_headers);
     response.extensions_mut().insert(Overhead(overhead));
     let headers = response.headers_mut();
     let mut put = |name: &'static str, value: &str| {
@@ -437,7 +643,13 @@ fn set_headers(
     };
     put(PROVIDER_HEADER, provider.as_str());
     put(MODEL_HEADER, model);
-    put(CACHE_HEADER, "miss");
+    put(
+        CACHE_HEADER,
+        match cache {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+        },
+    );
     if let Some(cost) = cost {
         put(COST_HEADER, cost);
     }
@@ -456,6 +668,10 @@ struct StreamContext {
     fallback_from: Option<ProviderKind>,
     ttft: Duration,
     input_estimate: u64,
+    /// Replaying a cached answer: recorded as a hit that cost nothing.
+    cache_hit: bool,
+    /// Where to cache the answer once the stream completed.
+    cache_fill: Option<CacheFill>,
 }
 
 impl StreamContext {
@@ -476,6 +692,7 @@ impl StreamContext {
         outcome.estimated = estimated;
         outcome.ttft = Some(self.ttft);
         outcome.fallback_from = self.fallback_from;
+        outcome.cache_hit = self.cache_hit;
         outcome
     }
 }
@@ -489,17 +706,15 @@ impl StreamContext {
 fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamContext) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(async move {
-        let mut text = String::new();
+        let mut received = StreamAccumulator::new();
         while let Some(item) = stream.next().await {
             match item {
                 Ok(chunk) => {
-                    if let StreamChunk::TextDelta { text: delta } = &chunk {
-                        text.push_str(delta);
-                    }
+                    received.push(&chunk);
                     for value in encoder.encode(&chunk) {
                         if tx.send(sse_data(&value)).await.is_err() {
                             // The client went away.
-                            let mut outcome = context.outcome(encoder.usage(), &text);
+                            let mut outcome = context.outcome(encoder.usage(), received.text());
                             outcome.status = "cancelled";
                             context.meter.record(&outcome);
                             return;
@@ -507,7 +722,7 @@ fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamC
                     }
                 }
                 Err(error) => {
-                    let mut outcome = context.outcome(encoder.usage(), &text);
+                    let mut outcome = context.outcome(encoder.usage(), received.text());
                     outcome.status = "error";
                     outcome.http_status = error.status().unwrap_or(502);
                     outcome.error_kind = Some(error.code());
@@ -520,8 +735,20 @@ fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamC
                 }
             }
         }
-        let outcome = context.outcome(encoder.usage(), &text);
+        let outcome = context.outcome(encoder.usage(), received.text());
         let cost = format_usd(context.meter.record(&outcome));
+        if let Some(fill) = context.cache_fill {
+            let response = received.into_response(String::new(), &context.model, context.provider);
+            fill.cache.put_later(
+                fill.key,
+                CachedAnswer {
+                    provider: context.provider,
+                    model: context.model.clone(),
+                    response,
+                },
+                fill.ttl,
+            );
+        }
         if let Some(value) = encoder.finish_usage(outcome.usage, Some(&cost))
             && tx.send(sse_data(&value)).await.is_err()
         {
@@ -623,6 +850,7 @@ pub fn llm_error(error: &LlmError) -> Failure {
             _ => None,
         },
         reached_provider: !matches!(error, LlmError::Configuration { .. }),
+        headers: Vec::new(),
     }
 }
 

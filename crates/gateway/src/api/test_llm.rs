@@ -90,6 +90,7 @@ async fn test_llm(
         endpoint: "test",
         arrival,
         alert_threshold_nano,
+        settlement: None,
     });
     let (provider_kind, model) = (config.provider, config.model.clone());
     let provider = create_provider(config).map_err(|e| llm_error(&e))?;
