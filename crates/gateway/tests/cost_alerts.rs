@@ -26,18 +26,18 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
-use common::{Gateway, PgSchema, hello};
+use common::usage::{
+    Db, chat_record, mini_cost, mini_settings, on_sqlite_and_postgres, wait_for_records,
+};
+use common::{Gateway, hello};
 use meta_chat::alerts::{CostAlerts, WebhookConfig};
 use meta_chat::metrics::Metrics;
-use meta_chat::store::{PostgresStore, SqliteStore, Store, UsageRecord, connect_store};
+use meta_chat::store::{Store, UsageRecord};
 use meta_chat::usage::{UsageRecorder, UsageWriterConfig};
 use meta_chat_llm::pricing::PriceTable;
 use meta_chat_testkit::Reply;
 use serde_json::{Value, json};
-use sqlx::Row;
 use tokio::sync::Semaphore;
-
-const ENCRYPTION_KEY: &str = "cost-alert-tests-encryption-key-0123456789";
 
 /// Generous upper bound for anything the tests wait for; reaching it is a failure, never a
 /// measurement.
@@ -216,83 +216,13 @@ fn assert_event(delivery: &Delivery, tenant: &str, day: NaiveDate, threshold: &s
 // ---------------------------------------------------------------------------------------------
 // Databases, replicas, records.
 
-/// A fresh SQLite file or a private PostgreSQL schema.
-struct Db {
-    url: String,
-    postgres: bool,
-    _dir: Option<tempfile::TempDir>,
-    _schema: Option<PgSchema>,
-}
-
-impl Db {
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self {
-            url: format!("sqlite://{}", dir.path().join("alerts.db").display()),
-            postgres: false,
-            _dir: Some(dir),
-            _schema: None,
-        }
-    }
-
-    /// `None` (skipped, unless `REQUIRE_SERVICES=1`) without `TEST_DATABASE_URL`.
-    async fn postgres() -> Option<Self> {
-        let base = common::test_database_url()?;
-        let schema = PgSchema::create(&base, "mc_alerts").await;
-        Some(Self {
-            url: schema.url(),
-            postgres: true,
-            _dir: None,
-            _schema: Some(schema),
-        })
-    }
-
-    /// A new connection pool on the database (a replica's own), migrated.
-    async fn store(&self) -> Arc<dyn Store> {
-        let store = connect_store(&self.url).await.unwrap();
-        store.migrate().await.unwrap();
-        assert_eq!(
-            store.backend(),
-            if self.postgres { "postgres" } else { "sqlite" }
-        );
-        store
-    }
-
-    /// The `cost_alerts` rows: (tenant, day, threshold, spent), by tenant and day.
-    async fn alert_rows(&self) -> Vec<(String, String, i64, i64)> {
-        const SQL: &str = "SELECT tenant_id, CAST(day AS TEXT) AS day, threshold_nano, \
-                           spent_nano FROM cost_alerts ORDER BY tenant_id, day";
-        if self.postgres {
-            let store = PostgresStore::connect(&self.url).await.unwrap();
-            let rows = sqlx::query(SQL).fetch_all(store.pool()).await.unwrap();
-            store.pool().close().await;
-            rows.iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect()
-        } else {
-            let store = SqliteStore::connect(&self.url).await.unwrap();
-            let rows = sqlx::query(SQL).fetch_all(store.pool()).await.unwrap();
-            store.pool().close().await;
-            rows.iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect()
-        }
-    }
-
-    /// A gateway over this database (see [`Gateway::start_with`]), `extra` last.
-    async fn gateway(&self, extra: &[(&str, &str)]) -> Gateway {
-        let mut vars: Vec<(&str, &str)> = vec![("DATABASE_URL", &self.url)];
-        if self.postgres {
-            vars.push(("ENCRYPTION_KEY", ENCRYPTION_KEY));
-        }
-        vars.extend_from_slice(extra);
-        let gateway = Gateway::start_with(&vars).await;
-        assert_eq!(
-            gateway.state.store.backend(),
-            if self.postgres { "postgres" } else { "sqlite" }
-        );
-        gateway
-    }
+/// The `cost_alerts` rows: (tenant, day, threshold, spent), by tenant and day.
+async fn alert_rows(db: &Db) -> Vec<(String, String, i64, i64)> {
+    db.rows(
+        "SELECT tenant_id, CAST(day AS TEXT) AS day, threshold_nano, spent_nano \
+         FROM cost_alerts ORDER BY tenant_id, day",
+    )
+    .await
 }
 
 /// One record per batch, so each record is followed by its own alert check and the spend an
@@ -354,41 +284,11 @@ fn cost_alerts_counted(text: &str, tenant: &str) -> f64 {
 /// A usage record of `tenant` at `at` costing `cost` nano-dollars.
 fn record(tenant: &str, at: DateTime<Utc>, cost: i64) -> UsageRecord {
     UsageRecord {
-        tenant_id: tenant.to_owned(),
-        conversation_id: None,
-        request_id: uuid::Uuid::new_v4().to_string(),
-        endpoint: "chat".to_owned(),
-        provider: "openai".to_owned(),
-        model: "gpt-4o-mini".to_owned(),
         input_tokens: 10,
         output_tokens: 2,
-        embedding_tokens: 0,
         cost_nano_usd: cost,
         latency_ms: 5,
-        ttft_ms: None,
-        status: "ok".to_owned(),
-        error_kind: None,
-        cache_hit: false,
-        fallback_from: None,
-        tokens_estimated: false,
-        created_at: at,
-    }
-}
-
-/// Waits until `store` holds `expected` usage records in all.
-async fn wait_for_records(store: &dyn Store, expected: u64) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let n = store.count_usage(None).await.unwrap();
-        if n == expected {
-            return;
-        }
-        assert!(n < expected, "{n} usage records, expected {expected}");
-        assert!(
-            Instant::now() < deadline,
-            "only {n} of {expected} usage records written"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        ..chat_record(tenant, at)
     }
 }
 
@@ -396,7 +296,7 @@ async fn wait_for_records(store: &dyn Store, expected: u64) {
 // 1. End to end through the gateway.
 
 /// gpt-4o-mini, 10 input and 2 output tokens: 10 × 150 + 2 × 600 nano-dollars.
-const CHAT_NANOS: i64 = 2_700;
+const CHAT_NANOS: i64 = mini_cost(10, 2);
 const CHAT_USD: &str = "0.000002700";
 
 /// One chat of `key`'s tenant costing [`CHAT_NANOS`]; must be answered 200.
@@ -419,10 +319,9 @@ async fn metrics_text(gw: &Gateway) -> String {
     response.text().await.unwrap()
 }
 
-const OPENAI_MINI: &str = "gpt-4o-mini";
-
+/// gpt-4o-mini settings with `threshold` as `costAlertThreshold`, if any.
 fn settings(threshold: Option<f64>) -> Value {
-    let mut settings = json!({"llm": {"provider": "openai", "model": OPENAI_MINI}});
+    let mut settings = mini_settings();
     if let Some(threshold) = threshold {
         settings["costAlertThreshold"] = json!(threshold);
     }
@@ -448,7 +347,7 @@ async fn fires_once_when_the_threshold_is_crossed(db: Db) {
 
     // One chat: 2,700 of 4,000. Its record is written (and checked) alone.
     chat(&gw, &own_key).await;
-    wait_for_records(store, 1).await;
+    wait_for_records(store, None, 1, PATIENCE).await;
     // The second crosses the threshold: one event, reporting both chats.
     chat(&gw, &own_key).await;
     hook.wait_until("the alert of `own`", |d| !d.is_empty())
@@ -465,7 +364,7 @@ async fn fires_once_when_the_threshold_is_crossed(db: Db) {
     }
     // Its first chat is written (and checked) alone: it alone crosses the default.
     chat(&gw, &default_key).await;
-    wait_for_records(store, 9).await;
+    wait_for_records(store, None, 9, PATIENCE).await;
     chat(&gw, &default_key).await;
 
     // Drains the writer (every record written and checked) and waits for the webhooks.
@@ -508,19 +407,14 @@ async fn fires_once_when_the_threshold_is_crossed(db: Db) {
         (default.clone(), default_day.to_string(), 1_000, CHAT_NANOS),
     ];
     expected.sort();
-    assert_eq!(db.alert_rows().await, expected);
+    assert_eq!(alert_rows(&db).await, expected);
 }
 
-#[tokio::test]
-async fn fires_once_when_the_threshold_is_crossed_on_sqlite() {
-    fires_once_when_the_threshold_is_crossed(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn fires_once_when_the_threshold_is_crossed_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        fires_once_when_the_threshold_is_crossed(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    fires_once_when_the_threshold_is_crossed:
+        fires_once_when_the_threshold_is_crossed_on_sqlite,
+        fires_once_when_the_threshold_is_crossed_on_postgres
 }
 
 /// Without `COST_ALERT_THRESHOLD` and without a threshold of its own, a tenant is never
@@ -575,7 +469,7 @@ async fn once_a_day_and_again_the_next(db: Db) {
     assert_eq!(replica.alerts_counted("thrifty"), 0.0);
     assert_eq!(replica.alerts_counted("unwatched"), 0.0);
     assert_eq!(
-        db.alert_rows().await,
+        alert_rows(&db).await,
         vec![
             (tenant.to_owned(), day1.to_string(), 1_000, 1_200),
             (tenant.to_owned(), day2.to_string(), 1_000, 1_200),
@@ -583,16 +477,11 @@ async fn once_a_day_and_again_the_next(db: Db) {
     );
 }
 
-#[tokio::test]
-async fn once_a_day_and_again_the_next_on_sqlite() {
-    once_a_day_and_again_the_next(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn once_a_day_and_again_the_next_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        once_a_day_and_again_the_next(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    once_a_day_and_again_the_next:
+        once_a_day_and_again_the_next_on_sqlite,
+        once_a_day_and_again_the_next_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -646,7 +535,7 @@ async fn once_across_replicas_and_restarts(db: Db) {
             "{tenant}"
         );
     }
-    let rows = db.alert_rows().await;
+    let rows = alert_rows(&db).await;
     assert_eq!(rows.len(), all.len(), "{rows:#?}");
     for (tenant, row_day, threshold, spent) in &rows {
         assert_eq!(
@@ -673,21 +562,16 @@ async fn once_across_replicas_and_restarts(db: Db) {
     let received = hook.received();
     assert_eq!(received.len(), all.len() + 1, "{received:#?}");
     assert_eq!(received.last().unwrap().id(), format!("newcomer:{day}"));
-    let mut after = db.alert_rows().await;
+    let mut after = alert_rows(&db).await;
     after.retain(|(tenant, ..)| tenant != "newcomer");
     assert_eq!(after, rows, "a restart rewrote the alerts already raised");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn once_across_replicas_and_restarts_on_sqlite() {
-    once_across_replicas_and_restarts(Db::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn once_across_replicas_and_restarts_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        once_across_replicas_and_restarts(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    once_across_replicas_and_restarts:
+        once_across_replicas_and_restarts_on_sqlite,
+        once_across_replicas_and_restarts_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -733,7 +617,7 @@ async fn a_failing_webhook_is_retried_then_given_up() {
     }
     assert!(hook.answered().is_empty());
     assert_eq!(cost_alerts_counted(&metrics.encode(), "failing"), 1.0);
-    assert_eq!(db.alert_rows().await.len(), 1);
+    assert_eq!(alert_rows(&db).await.len(), 1);
 
     // More spending the same day: the alert was raised, nothing is sent again.
     let more = [record("failing", now, 2_000)];
@@ -778,7 +662,7 @@ async fn a_stuck_webhook_holds_up_neither_checks_nor_the_writer() {
     replica
         .usage
         .record(record("second", now, 5_000), Some(1_000));
-    wait_for_records(replica.store.as_ref(), 52).await;
+    wait_for_records(replica.store.as_ref(), None, 52, PATIENCE).await;
     hook.wait_until("the second tenant's delivery", |d| {
         d.iter().any(|d| d.id() == format!("second:{day}"))
     })
@@ -824,7 +708,7 @@ async fn a_stuck_webhook_does_not_hold_up_requests() {
         assert!(hook.answered().is_empty());
     }
     chat(&gw, &second_key).await;
-    wait_for_records(store, REQUESTS as u64 + 2).await;
+    wait_for_records(store, None, REQUESTS as u64 + 2, PATIENCE).await;
     let day = day_of_latest(&gw, &second).await;
     hook.wait_until("the second tenant's delivery", |d| {
         d.iter().any(|d| d.id() == format!("{second}:{day}"))

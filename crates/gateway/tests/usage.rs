@@ -15,131 +15,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_KEY, Answer, Gateway, PgSchema, SYSTEM_OPENAI_KEY, events, hello};
-use futures::StreamExt;
+use common::usage::{
+    Db, SLOW_TEXT, conversation, embedding_small_cost, embeddings_request, leave_after_first_chunk,
+    mini_cost, mini_settings, on_sqlite_and_postgres, post, stream_events, stream_with_usage,
+    streamed_text, usd, wait_for_records, weather_reply, weather_request,
+};
+use common::{ADMIN_KEY, Answer, SYSTEM_OPENAI_KEY, hello};
 use meta_chat::store::{SqliteStore, Store, UsageRecord};
-use meta_chat_testkit::{FakeServer, FakeToolCall, Reply};
+use meta_chat_testkit::{FakeServer, Reply};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
-
-const ENCRYPTION_KEY: &str = "usage-tests-encryption-key-0123456789abcdef";
-
-/// gpt-4o-mini costs $0.15 per million input tokens and $0.60 per million output tokens
-/// (`crates/llm/pricing.json`): 150 and 600 nano-dollars per token.
-const MINI_INPUT_NANOS: i64 = 150;
-const MINI_OUTPUT_NANOS: i64 = 600;
-/// text-embedding-3-small costs $0.02 per million tokens: 20 nano-dollars per token.
-const EMBEDDING_SMALL_NANOS: i64 = 20;
-
-/// The cost of a gpt-4o-mini call, in nano-dollars, computed by hand.
-fn mini_cost(input: i64, output: i64) -> i64 {
-    input * MINI_INPUT_NANOS + output * MINI_OUTPUT_NANOS
-}
-
-/// Nano-dollars as the gateway writes them in `x-meta-chat-cost-usd` and `usage.cost_usd`.
-fn usd(nanos: i64) -> String {
-    format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The database behind a test's gateway.
-
-/// SQLite (the harness's own file) or a private PostgreSQL schema.
-struct Db {
-    schema: Option<PgSchema>,
-}
-
-impl Db {
-    fn sqlite() -> Self {
-        Self { schema: None }
-    }
-
-    /// `None` (skipped, unless `REQUIRE_SERVICES=1`) without `TEST_DATABASE_URL`.
-    async fn postgres() -> Option<Self> {
-        let base = common::test_database_url()?;
-        Some(Self {
-            schema: Some(PgSchema::create(&base, "mc_usage").await),
-        })
-    }
-
-    /// A gateway over this database (see [`Gateway::start_with`]), `extra` last.
-    async fn gateway(&self, extra: &[(&str, &str)]) -> Gateway {
-        let url = self.schema.as_ref().map(PgSchema::url);
-        let mut vars: Vec<(&str, &str)> = Vec::new();
-        if let Some(url) = &url {
-            vars.push(("DATABASE_URL", url));
-            vars.push(("ENCRYPTION_KEY", ENCRYPTION_KEY));
-        }
-        vars.extend_from_slice(extra);
-        let gateway = Gateway::start_with(&vars).await;
-        let expected = if url.is_some() { "postgres" } else { "sqlite" };
-        assert_eq!(gateway.state.store.backend(), expected);
-        gateway
-    }
-}
-
-/// Waits (up to `within`) until `store` holds exactly `expected` usage records for `tenant`
-/// (or everyone); fails at once if it ever holds more.
-async fn wait_for_records(
-    store: &dyn Store,
-    tenant: Option<&str>,
-    expected: u64,
-    within: Duration,
-) {
-    let deadline = Instant::now() + within;
-    loop {
-        let n = store.count_usage(tenant).await.unwrap();
-        assert!(n <= expected, "{n} usage records, expected {expected}");
-        if n == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {n} of {expected} usage records after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A POST with `key` as a bearer token, JSON `body` and extra `headers`, read whole.
-async fn post(
-    gw: &Gateway,
-    path: &str,
-    key: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> Answer {
-    let mut request = gw
-        .client
-        .post(gw.url(path))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request.send().await.unwrap();
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        text: response.text().await.unwrap(),
-    }
-}
-
-/// The SSE events of a stream answer, parsed (without `[DONE]`, which must end it).
-fn stream_events(answer: &Answer) -> Vec<Value> {
-    let events = events(&answer.text);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "{}",
-        answer.text
-    );
-    events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect()
-}
 
 /// The last event of a stream that asked for usage: `choices: []` and the usage.
 fn usage_chunk(answer: &Answer) -> Value {
@@ -197,19 +82,18 @@ fn assert_streamed(record: &UsageRecord) {
 
 async fn known_calls_leave_exact_records(db: Db) {
     let gw = db.gateway(&[]).await;
-    let (tenant, key) = gw
-        .tenant(json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
-        .await;
-    let with_usage = json!({"stream": true, "stream_options": {"include_usage": true}});
+    let (tenant, key) = gw.tenant(mini_settings()).await;
+    let chat = "/v1/chat/completions";
+    let with_usage = stream_with_usage();
 
     // A plain chat completion, its conversation named by the header.
     gw.fake.push(Reply::text("Four.").with_usage(10, 2));
     let plain = post(
         &gw,
-        "/v1/chat/completions",
+        chat,
         &key,
         &hello(json!({})),
-        &[("X-Conversation-Id", "conv-header")],
+        &conversation("conv-header"),
     )
     .await;
     assert_eq!(plain.status, 200, "{}", plain.text);
@@ -221,7 +105,7 @@ async fn known_calls_leave_exact_records(db: Db) {
         .push(Reply::text("Streamed answer.").with_usage(7, 5));
     let mut body = hello(with_usage.clone());
     body["metadata"] = json!({"conversation_id": "conv-body", "team": "blue"});
-    let streamed = post(&gw, "/v1/chat/completions", &key, &body, &[]).await;
+    let streamed = post(&gw, chat, &key, &body, &[]).await;
     assert_eq!(streamed.status, 200, "{}", streamed.text);
     let usage = usage_chunk(&streamed);
     assert_eq!(usage["prompt_tokens"], 7, "{usage}");
@@ -233,14 +117,7 @@ async fn known_calls_leave_exact_records(db: Db) {
     let text = "The quick brown fox jumps";
     assert_eq!(meta_chat::usage::estimate_tokens(text), 7);
     gw.fake.push(Reply::text(text).without_stream_usage());
-    let estimated = post(
-        &gw,
-        "/v1/chat/completions",
-        &key,
-        &hello(with_usage.clone()),
-        &[],
-    )
-    .await;
+    let estimated = post(&gw, chat, &key, &hello(with_usage.clone()), &[]).await;
     assert_eq!(estimated.status, 200, "{}", estimated.text);
     let usage = usage_chunk(&estimated);
     assert_eq!(usage["prompt_tokens"], 3, "{usage}");
@@ -248,20 +125,8 @@ async fn known_calls_leave_exact_records(db: Db) {
     assert_eq!(usage["cost_usd"], usd(mini_cost(3, 7)), "{usage}");
 
     // A tool call.
-    gw.fake.push(
-        Reply::tool_calls(vec![FakeToolCall::new(
-            "call_weather_1",
-            "get_weather",
-            json!({"city": "Paris"}),
-        )])
-        .with_usage(20, 8),
-    );
-    let mut body = hello(json!({}));
-    body["tools"] = json!([{"type": "function", "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    }}]);
-    let tool = post(&gw, "/v1/chat/completions", &key, &body, &[]).await;
+    gw.fake.push(weather_reply());
+    let tool = post(&gw, chat, &key, &weather_request(), &[]).await;
     assert_eq!(tool.status, 200, "{}", tool.text);
     assert_eq!(
         tool.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
@@ -274,72 +139,34 @@ async fn known_calls_leave_exact_records(db: Db) {
         &gw,
         "/v1/embeddings",
         &key,
-        &json!({"input": ["hello world", "abcdefghij"], "model": "text-embedding-3-small"}),
-        &[("X-Conversation-Id", "conv-embeddings")],
+        &embeddings_request(),
+        &conversation("conv-embeddings"),
     )
     .await;
     assert_eq!(embedded.status, 200, "{}", embedded.text);
     assert_eq!(embedded.json()["usage"]["prompt_tokens"], 6);
-    let embedding_cost = 6 * EMBEDDING_SMALL_NANOS;
+    let embedding_cost = embedding_small_cost(6);
     assert_eq!(embedded.header("x-meta-chat-cost-usd"), usd(embedding_cost));
 
     // An upstream failure (no retries).
     gw.fake.push(Reply::error(500, "the upstream exploded"));
-    let failed = post(&gw, "/v1/chat/completions", &key, &hello(json!({})), &[]).await;
+    let failed = post(&gw, chat, &key, &hello(json!({})), &[]).await;
     assert_eq!(failed.status, 502, "{}", failed.text);
     assert_eq!(failed.json()["error"]["code"], "upstream_error");
 
     // A stream the upstream breaks off after two pieces of text.
     gw.fake
         .push(Reply::stream_error(2, "the upstream broke down").in_chunks(4));
-    let broken = post(
-        &gw,
-        "/v1/chat/completions",
-        &key,
-        &hello(with_usage.clone()),
-        &[],
-    )
-    .await;
+    let broken = post(&gw, chat, &key, &hello(with_usage.clone()), &[]).await;
     assert_eq!(broken.status, 200, "{}", broken.text);
     let broken_events = stream_events(&broken);
     let error_event = broken_events.last().unwrap();
     assert!(error_event["error"]["code"].is_string(), "{}", broken.text);
-    let broken_text: String = broken_events
-        .iter()
-        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let broken_text = streamed_text(&broken_events);
     assert!(!broken_text.is_empty(), "{}", broken.text);
 
-    // A client that leaves after the first chunk of a slow stream (24 frames, 200 ms apart).
-    let long = "one two three four five six seven eight nine ten eleven twelve thirteen";
-    gw.fake.push(
-        Reply::text(long)
-            .with_usage(100, 100)
-            .in_chunks(20)
-            .with_chunk_delay(Duration::from_millis(200)),
-    );
-    let leaving_client = reqwest::Client::new();
-    let response = leaving_client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&hello(with_usage.clone()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let cancelled_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let mut body = response.bytes_stream();
-    let first = tokio::time::timeout(Duration::from_secs(10), body.next())
-        .await
-        .expect("no first chunk within 10 s")
-        .expect("the stream ended before its first chunk")
-        .unwrap();
-    assert!(common::contains(&first, "data: "), "{first:?}");
-    drop(body);
-    drop(leaving_client);
+    // A client that leaves after the first chunk of a slow stream.
+    let cancelled_id = leave_after_first_chunk(&gw, &key, &[]).await;
 
     let store = gw.state.store.as_ref();
     wait_for_records(store, Some(&tenant), 8, Duration::from_secs(10)).await;
@@ -442,7 +269,7 @@ async fn known_calls_leave_exact_records(db: Db) {
     assert!(record.tokens_estimated, "{record:?}");
     assert_eq!(record.input_tokens, 3, "{record:?}");
     assert!(
-        record.output_tokens < i64::try_from(meta_chat::usage::estimate_tokens(long)).unwrap(),
+        record.output_tokens < i64::try_from(meta_chat::usage::estimate_tokens(SLOW_TEXT)).unwrap(),
         "{record:?}"
     );
     assert_eq!(
@@ -457,16 +284,11 @@ async fn known_calls_leave_exact_records(db: Db) {
     assert_eq!(ids.len(), 8);
 }
 
-#[tokio::test]
-async fn known_calls_leave_exact_records_on_sqlite() {
-    known_calls_leave_exact_records(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn known_calls_leave_exact_records_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        known_calls_leave_exact_records(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    known_calls_leave_exact_records:
+        known_calls_leave_exact_records_on_sqlite,
+        known_calls_leave_exact_records_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,24 +297,16 @@ async fn known_calls_leave_exact_records_on_postgres() {
 async fn no_records_without_cost_tracking(db: Db) {
     let gw = db.gateway(&[("ENABLE_COST_TRACKING", "false")]).await;
     assert!(!gw.state.usage.is_enabled());
-    let (tenant, key) = gw
-        .tenant(json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
-        .await;
-    let plain = post(&gw, "/v1/chat/completions", &key, &hello(json!({})), &[]).await;
+    let (tenant, key) = gw.tenant(mini_settings()).await;
+    let chat = "/v1/chat/completions";
+    let plain = post(&gw, chat, &key, &hello(json!({})), &[]).await;
     assert_eq!(plain.status, 200, "{}", plain.text);
-    let streamed = post(
-        &gw,
-        "/v1/chat/completions",
-        &key,
-        &hello(json!({"stream": true})),
-        &[],
-    )
-    .await;
+    let streamed = post(&gw, chat, &key, &hello(json!({"stream": true})), &[]).await;
     assert_eq!(streamed.status, 200, "{}", streamed.text);
     let embedded = post(&gw, "/v1/embeddings", &key, &json!({"input": "hi"}), &[]).await;
     assert_eq!(embedded.status, 200, "{}", embedded.text);
     gw.fake.push(Reply::error(500, "the upstream exploded"));
-    let failed = post(&gw, "/v1/chat/completions", &key, &hello(json!({})), &[]).await;
+    let failed = post(&gw, chat, &key, &hello(json!({})), &[]).await;
     assert_eq!(failed.status, 502, "{}", failed.text);
 
     // Longer than the writer's flush interval (1 s): anything recorded would be written.
@@ -504,16 +318,11 @@ async fn no_records_without_cost_tracking(db: Db) {
     assert_eq!(gw.state.usage.dropped(), 0);
 }
 
-#[tokio::test]
-async fn no_records_without_cost_tracking_on_sqlite() {
-    no_records_without_cost_tracking(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn no_records_without_cost_tracking_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        no_records_without_cost_tracking(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    no_records_without_cost_tracking:
+        no_records_without_cost_tracking_on_sqlite,
+        no_records_without_cost_tracking_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -521,9 +330,7 @@ async fn no_records_without_cost_tracking_on_postgres() {
 
 async fn rejected_requests_leave_no_record(db: Db) {
     let gw = db.gateway(&[]).await;
-    let (tenant, key) = gw
-        .tenant(json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
-        .await;
+    let (tenant, key) = gw.tenant(mini_settings()).await;
     let chat = "/v1/chat/completions";
     let gw_ref = &gw;
     let raw = move |path: &'static str, key: Option<&'static str>, body: &'static str| {
@@ -576,14 +383,7 @@ async fn rejected_requests_leave_no_record(db: Db) {
     assert_eq!(answer.status, 400, "{}", answer.text);
 
     let too_long = "c".repeat(300);
-    let answer = post(
-        &gw,
-        chat,
-        &key,
-        &hello(json!({})),
-        &[("X-Conversation-Id", &too_long)],
-    )
-    .await;
+    let answer = post(&gw, chat, &key, &hello(json!({})), &conversation(&too_long)).await;
     assert_eq!(answer.status, 400, "{}", answer.text);
 
     assert!(
@@ -604,16 +404,11 @@ async fn rejected_requests_leave_no_record(db: Db) {
     assert_eq!(gw.state.usage.dropped(), 0);
 }
 
-#[tokio::test]
-async fn rejected_requests_leave_no_record_on_sqlite() {
-    rejected_requests_leave_no_record(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn rejected_requests_leave_no_record_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        rejected_requests_leave_no_record(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    rejected_requests_leave_no_record:
+        rejected_requests_leave_no_record_on_sqlite,
+        rejected_requests_leave_no_record_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -624,9 +419,7 @@ const CONCURRENCY: usize = 64;
 
 async fn every_request_of_many_is_recorded(db: Db) {
     let gw = Arc::new(db.gateway(&[]).await);
-    let (tenant, key) = gw
-        .tenant(json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
-        .await;
+    let (tenant, key) = gw.tenant(mini_settings()).await;
     let next = Arc::new(AtomicUsize::new(0));
     let body = hello(json!({})).to_string();
     let workers: Vec<_> = (0..CONCURRENCY)
@@ -669,16 +462,11 @@ async fn every_request_of_many_is_recorded(db: Db) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_request_of_many_is_recorded_on_sqlite() {
-    every_request_of_many_is_recorded(Db::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_request_of_many_is_recorded_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        every_request_of_many_is_recorded(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    every_request_of_many_is_recorded:
+        every_request_of_many_is_recorded_on_sqlite,
+        every_request_of_many_is_recorded_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -749,13 +537,7 @@ async fn sigterm_writes_the_record_of_every_answered_request() {
         reqwest::Method::POST,
         format!("{base}/api/tenants"),
         Some(ADMIN_KEY),
-        Some(
-            common::tenant_body(
-                "drain",
-                json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}),
-            )
-            .to_string(),
-        ),
+        Some(common::tenant_body("drain", mini_settings()).to_string()),
     )
     .await
     .created_tenant();
@@ -852,10 +634,10 @@ async fn sigterm_writes_the_record_of_every_answered_request() {
 /// `cancelled` record like a stream abandoned mid-way.
 #[tokio::test]
 async fn clients_that_leave_before_the_answer_starts_are_recorded() {
-    let gw = Db::sqlite().gateway(&[]).await;
-    let (tenant, key) = gw
-        .tenant(json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
-        .await;
+    // Bound: the database's directory lives as long as the test.
+    let db = Db::sqlite();
+    let gw = db.gateway(&[]).await;
+    let (tenant, key) = gw.tenant(mini_settings()).await;
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()

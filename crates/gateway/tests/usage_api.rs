@@ -18,150 +18,39 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Days, Months, NaiveDate, SecondsFormat, TimeDelta, Utc};
-use common::{ADMIN_KEY, Answer, Gateway, PgSchema, events, hello};
-use futures::StreamExt;
+use chrono::{DateTime, Days, NaiveDate, SecondsFormat, TimeDelta, Utc};
+use common::usage::{
+    Db, SLOW_TEXT, Sum, at, bucket_of, chat_record, conversation, day, embedding_small_cost,
+    embeddings_request, error_kind_of, haiku_cost, leave_after_first_chunk, mini_cost,
+    mini_settings, next_bucket, on_sqlite_and_postgres, post, stream_events, stream_with_usage,
+    streamed_text, usd, wait_for_records, weather_reply, weather_request,
+};
+use common::{ADMIN_KEY, Answer, Gateway, hello};
 use meta_chat::analytics::{self, ReportParams};
 use meta_chat::store::{Store, UsageRecord};
-use meta_chat_testkit::{FakeToolCall, Reply};
+use meta_chat_testkit::Reply;
 use serde_json::{Map, Value, json};
-
-const ENCRYPTION_KEY: &str = "usage-api-tests-encryption-key-0123456789abcdef";
-
-/// gpt-4o-mini: $0.15 / $0.60 per million input / output tokens (`crates/llm/pricing.json`),
-/// 150 and 600 nano-dollars per token.
-fn mini_cost(input: i64, output: i64) -> i64 {
-    input * 150 + output * 600
-}
-
-/// claude-3-haiku-20240307: $0.25 / $1.25 per million tokens.
-fn haiku_cost(input: i64, output: i64) -> i64 {
-    input * 250 + output * 1_250
-}
-
-/// text-embedding-3-small: $0.02 per million tokens.
-fn embedding_small_cost(tokens: i64) -> i64 {
-    tokens * 20
-}
-
-/// Nano-dollars as a decimal USD string with nine fractional digits.
-fn usd(nanos: i64) -> String {
-    format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
-}
-
-fn at(text: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(text)
-        .unwrap_or_else(|e| panic!("{text}: {e}"))
-        .with_timezone(&Utc)
-}
-
-fn day(text: &str) -> NaiveDate {
-    NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap_or_else(|e| panic!("{text}: {e}"))
-}
 
 fn midnight(day: NaiveDate) -> DateTime<Utc> {
     day.and_hms_opt(0, 0, 0).unwrap().and_utc()
 }
 
 // ---------------------------------------------------------------------------------------------
-// The database behind a test.
+// Day rollups.
 
-/// A fresh SQLite file or a private PostgreSQL schema.
-struct Db {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    schema: Option<PgSchema>,
-}
-
-impl Db {
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self {
-            url: format!("sqlite://{}", dir.path().join("usage.db").display()),
-            _dir: Some(dir),
-            schema: None,
-        }
-    }
-
-    /// `None` (skipped, unless `REQUIRE_SERVICES=1`) without `TEST_DATABASE_URL`.
-    async fn postgres() -> Option<Self> {
-        let base = common::test_database_url()?;
-        let schema = PgSchema::create(&base, "mc_usage_api").await;
-        Some(Self {
-            url: schema.url(),
-            _dir: None,
-            schema: Some(schema),
-        })
-    }
-
-    fn backend(&self) -> &'static str {
-        if self.schema.is_some() {
-            "postgres"
-        } else {
-            "sqlite"
-        }
-    }
-
-    /// A gateway over this database.
-    async fn gateway(&self) -> Gateway {
-        let gateway = Gateway::start_with(&[
-            ("DATABASE_URL", &self.url),
-            ("ENCRYPTION_KEY", ENCRYPTION_KEY),
-        ])
+/// The day rollups as stored, sorted by (tenant, day, provider, model).
+async fn rollups(db: &Db) -> Vec<RollupRow> {
+    let mut rows: Vec<RollupRow> = db
+        .rows(
+            "SELECT tenant_id, CAST(day AS TEXT) AS day, provider, model, requests, errors, \
+             cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd \
+             FROM usage_daily",
+        )
         .await;
-        assert_eq!(gateway.state.store.backend(), self.backend());
-        gateway
-    }
-
-    /// A store of its own over this database, migrated.
-    async fn store(&self) -> Arc<dyn Store> {
-        let store = meta_chat::store::connect_store(&self.url).await.unwrap();
-        store.migrate().await.unwrap();
-        assert_eq!(store.backend(), self.backend());
-        store
-    }
-
-    /// Runs one SQL statement on the database directly.
-    async fn execute(&self, sql: String) {
-        if self.schema.is_some() {
-            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
-        } else {
-            let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
-        }
-    }
-
-    /// The day rollups as stored, sorted by (tenant, day, provider, model).
-    async fn rollups(&self) -> Vec<RollupRow> {
-        const SQL: &str = "SELECT tenant_id, CAST(day AS TEXT) AS day, provider, model, \
-            requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, \
-            cost_nano_usd FROM usage_daily";
-        let mut rows: Vec<RollupRow> = if self.schema.is_some() {
-            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
-            let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
-            pool.close().await;
-            rows
-        } else {
-            let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
-            let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
-            pool.close().await;
-            rows
-        };
-        rows.sort();
-        rows
-    }
+    rows.sort();
+    rows
 }
 
 /// (tenant, day, provider, model, requests, errors, cache hits, input, output, embedding, cost)
@@ -251,120 +140,8 @@ fn tenant_path(tenant: &str) -> String {
     format!("/api/tenants/{tenant}/usage")
 }
 
-/// A POST with `key` as a bearer token, JSON `body` and extra `headers`, read whole.
-async fn post(
-    gw: &Gateway,
-    path: &str,
-    key: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> Answer {
-    let mut request = gw
-        .client
-        .post(gw.url(path))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request.send().await.unwrap();
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        text: response.text().await.unwrap(),
-    }
-}
-
-/// The SSE events of a stream answer, parsed (without `[DONE]`, which must end it).
-fn stream_events(answer: &Answer) -> Vec<Value> {
-    let events = events(&answer.text);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "{}",
-        answer.text
-    );
-    events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect()
-}
-
-/// Waits (up to `within`) until `store` holds exactly `expected` usage records for `tenant`
-/// (or everyone); fails at once if it ever holds more.
-async fn wait_for_records(
-    store: &dyn Store,
-    tenant: Option<&str>,
-    expected: u64,
-    within: Duration,
-) {
-    let deadline = Instant::now() + within;
-    loop {
-        let n = store.count_usage(tenant).await.unwrap();
-        assert!(n <= expected, "{n} usage records, expected {expected}");
-        if n == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {n} of {expected} usage records after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The report, computed by brute force from the records.
-
-/// Sums over records, computed here.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Sum {
-    requests: i64,
-    errors: i64,
-    cache_hits: i64,
-    input: i64,
-    output: i64,
-    embedding: i64,
-    cost: i64,
-}
-
-impl Sum {
-    fn add(&mut self, r: &UsageRecord) {
-        self.requests += 1;
-        self.errors += i64::from(r.status == "error");
-        self.cache_hits += i64::from(r.cache_hit);
-        self.input += r.input_tokens;
-        self.output += r.output_tokens;
-        self.embedding += r.embedding_tokens;
-        self.cost += r.cost_nano_usd;
-    }
-
-    fn of<'a>(records: impl IntoIterator<Item = &'a UsageRecord>) -> Self {
-        let mut sum = Self::default();
-        for r in records {
-            sum.add(r);
-        }
-        sum
-    }
-
-    fn json(&self) -> Map<String, Value> {
-        let Value::Object(map) = json!({
-            "requests": self.requests,
-            "errors": self.errors,
-            "cacheHits": self.cache_hits,
-            "inputTokens": self.input,
-            "outputTokens": self.output,
-            "embeddingTokens": self.embedding,
-            "totalTokens": self.input + self.output + self.embedding,
-            "costUsd": usd(self.cost),
-            "costNanoUsd": self.cost,
-        }) else {
-            unreachable!()
-        };
-        map
-    }
-}
 
 /// One report query, as the test understands it.
 #[derive(Debug, Clone)]
@@ -434,25 +211,6 @@ impl Query {
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
-
-/// The first day of the bucket holding `day`: weeks start on Monday, months on the 1st.
-fn bucket_of(granularity: &str, day: NaiveDate) -> NaiveDate {
-    match granularity {
-        "day" => day,
-        "week" => day - Days::new(u64::from(day.weekday().num_days_from_monday())),
-        "month" => NaiveDate::from_ymd_opt(day.year(), day.month(), 1).unwrap(),
-        other => panic!("granularity {other}"),
-    }
-}
-
-fn next_bucket(granularity: &str, start: NaiveDate) -> NaiveDate {
-    match granularity {
-        "day" => start + Days::new(1),
-        "week" => start + Days::new(7),
-        "month" => start + Months::new(1),
-        other => panic!("granularity {other}"),
-    }
 }
 
 /// The report `query` should give for `records`, computed by brute force.
@@ -565,6 +323,24 @@ async fn check(gw: &Gateway, records: &[UsageRecord], query: &Query) -> Value {
     got
 }
 
+/// Asks the gateway (as `key`) for the days `from` to `to` grouped by `group_by`, naming no other
+/// parameter, and compares the answer with the brute force.
+async fn check_days(
+    gw: &Gateway,
+    key: &str,
+    records: &[UsageRecord],
+    tenant: Option<&str>,
+    (from, to): (&str, &str),
+    group_by: &'static str,
+) -> Value {
+    let query = Query::new(tenant, from, to).by("day", group_by);
+    let params = [("from", from), ("to", to), ("groupBy", group_by)];
+    let got = report(gw, &query.path(), key, &params).await;
+    let expected = expected_report(records, &query);
+    assert_json_eq(&got, &expected, &format!("by {group_by}"));
+    got
+}
+
 /// Equal JSON, or a failure showing both and where they first differ.
 fn assert_json_eq(got: &Value, expected: &Value, context: &str) {
     if got != expected {
@@ -620,24 +396,9 @@ fn series_field(report: &Value, field: &str) -> Vec<(String, i64)> {
 /// A successful chat record.
 fn record(tenant: &str, created_at: &str, input: i64, cost: i64) -> UsageRecord {
     UsageRecord {
-        tenant_id: tenant.to_owned(),
-        conversation_id: None,
-        request_id: uuid::Uuid::new_v4().to_string(),
-        endpoint: "chat".to_owned(),
-        provider: "openai".to_owned(),
-        model: "gpt-4o-mini".to_owned(),
         input_tokens: input,
-        output_tokens: 0,
-        embedding_tokens: 0,
         cost_nano_usd: cost,
-        latency_ms: 10,
-        ttft_ms: None,
-        status: "ok".to_owned(),
-        error_kind: None,
-        cache_hit: false,
-        fallback_from: None,
-        tokens_estimated: false,
-        created_at: at(created_at),
+        ..chat_record(tenant, at(created_at))
     }
 }
 
@@ -702,10 +463,9 @@ fn random_records(seed: u64, tenants: &[&str], n: usize) -> Vec<UsageRecord> {
                 (_, 0) => 1_234_567_890 + rng.i64(0..1_000),
                 _ => rng.i64(0..5_000_000),
             };
+            // Fields are evaluated as written: these draw from `rng` in the seeded order.
             UsageRecord {
-                tenant_id: tenant.to_owned(),
                 conversation_id: CONVERSATIONS[rng.usize(..CONVERSATIONS.len())].map(str::to_owned),
-                request_id: uuid::Uuid::new_v4().to_string(),
                 endpoint: if embedding { "embeddings" } else { "chat" }.to_owned(),
                 provider: provider.to_owned(),
                 model: model.to_owned(),
@@ -714,13 +474,10 @@ fn random_records(seed: u64, tenants: &[&str], n: usize) -> Vec<UsageRecord> {
                 embedding_tokens: if embedding { rng.i64(1..3_000) } else { 0 },
                 cost_nano_usd: cost,
                 latency_ms: rng.i64(1..5_000),
-                ttft_ms: None,
                 status: status.to_owned(),
-                error_kind: (status == "error").then(|| "upstream_error".to_owned()),
+                error_kind: error_kind_of(status),
                 cache_hit: status == "ok" && rng.u8(0..8) == 0,
-                fallback_from: None,
-                tokens_estimated: false,
-                created_at,
+                ..chat_record(tenant, created_at)
             }
         })
         .collect()
@@ -779,22 +536,16 @@ impl Call {
         UsageRecord {
             tenant_id: tenant.to_owned(),
             conversation_id: self.conversation.map(str::to_owned),
-            request_id: stored.request_id.clone(),
-            endpoint: stored.endpoint.clone(),
             provider: self.provider.to_owned(),
             model: self.model.to_owned(),
             input_tokens: self.tokens.0,
             output_tokens: self.tokens.1,
             embedding_tokens: self.tokens.2,
             cost_nano_usd: self.cost,
-            latency_ms: stored.latency_ms,
-            ttft_ms: stored.ttft_ms,
             status: self.status.to_owned(),
-            error_kind: stored.error_kind.clone(),
             cache_hit: false,
             fallback_from: None,
-            tokens_estimated: stored.tokens_estimated,
-            created_at: stored.created_at,
+            ..stored.clone()
         }
     }
 }
@@ -810,24 +561,16 @@ fn row_of<'a>(report: &'a Value, field: &str, value: &Value) -> &'a Value {
 }
 
 async fn known_calls_are_reported_exactly(db: Db) {
-    let gw = db.gateway().await;
-    let settings = json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}});
-    let (tenant, key) = gw.tenant(settings.clone()).await;
-    let (other, other_key) = gw.tenant_named("other", settings).await;
+    let gw = db.gateway(&[]).await;
+    let (tenant, key) = gw.tenant(mini_settings()).await;
+    let (other, other_key) = gw.tenant_named("other", mini_settings()).await;
     let chat = "/v1/chat/completions";
-    let with_usage = json!({"stream": true, "stream_options": {"include_usage": true}});
+    let with_usage = stream_with_usage();
     let mut calls = Vec::new();
 
     // A plain completion in conversation A.
     gw.fake.push(Reply::text("Four.").with_usage(10, 2));
-    let plain = post(
-        &gw,
-        chat,
-        &key,
-        &hello(json!({})),
-        &[("X-Conversation-Id", "conv-a")],
-    )
-    .await;
+    let plain = post(&gw, chat, &key, &hello(json!({})), &conversation("conv-a")).await;
     assert_eq!(plain.status, 200, "{}", plain.text);
     assert_eq!(plain.header("x-meta-chat-cost-usd"), usd(mini_cost(10, 2)));
     calls.push(Call::chat(&plain, Some("conv-a"), (10, 2)));
@@ -840,7 +583,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
         chat,
         &key,
         &hello(with_usage.clone()),
-        &[("X-Conversation-Id", "conv-a")],
+        &conversation("conv-a"),
     )
     .await;
     assert_eq!(streamed.status, 200, "{}", streamed.text);
@@ -857,20 +600,8 @@ async fn known_calls_are_reported_exactly(db: Db) {
     calls.push(Call::chat(&estimated, None, (3, 7)));
 
     // A tool call, conversation B.
-    gw.fake.push(
-        Reply::tool_calls(vec![FakeToolCall::new(
-            "call_weather_1",
-            "get_weather",
-            json!({"city": "Paris"}),
-        )])
-        .with_usage(20, 8),
-    );
-    let mut body = hello(json!({}));
-    body["tools"] = json!([{"type": "function", "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    }}]);
-    let tool = post(&gw, chat, &key, &body, &[("X-Conversation-Id", "conv-b")]).await;
+    gw.fake.push(weather_reply());
+    let tool = post(&gw, chat, &key, &weather_request(), &conversation("conv-b")).await;
     assert_eq!(tool.status, 200, "{}", tool.text);
     calls.push(Call::chat(&tool, Some("conv-b"), (20, 8)));
 
@@ -879,8 +610,8 @@ async fn known_calls_are_reported_exactly(db: Db) {
         &gw,
         "/v1/embeddings",
         &key,
-        &json!({"input": ["hello world", "abcdefghij"], "model": "text-embedding-3-small"}),
-        &[("X-Conversation-Id", "conv-b")],
+        &embeddings_request(),
+        &conversation("conv-b"),
     )
     .await;
     assert_eq!(embedded.status, 200, "{}", embedded.text);
@@ -899,7 +630,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
         chat,
         &key,
         &hello(json!({"model": "anthropic/claude-3-haiku-20240307"})),
-        &[("X-Conversation-Id", "conv-b")],
+        &conversation("conv-b"),
     )
     .await;
     assert_eq!(anthropic.status, 200, "{}", anthropic.text);
@@ -917,14 +648,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
 
     // An upstream failure (no retries), conversation A: an error that used nothing.
     gw.fake.push(Reply::error(500, "the upstream exploded"));
-    let failed = post(
-        &gw,
-        chat,
-        &key,
-        &hello(json!({})),
-        &[("X-Conversation-Id", "conv-a")],
-    )
-    .await;
+    let failed = post(&gw, chat, &key, &hello(json!({})), &conversation("conv-a")).await;
     assert_eq!(failed.status, 502, "{}", failed.text);
     calls.push(Call::chat(&failed, Some("conv-a"), (0, 0)).failed());
 
@@ -934,14 +658,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
         .push(Reply::stream_error(2, "the upstream broke down").in_chunks(4));
     let broken = post(&gw, chat, &key, &hello(with_usage.clone()), &[]).await;
     assert_eq!(broken.status, 200, "{}", broken.text);
-    let broken_text: String = stream_events(&broken)
-        .iter()
-        .filter_map(|e| {
-            e["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let broken_text = streamed_text(&stream_events(&broken));
     assert!(!broken_text.is_empty(), "{}", broken.text);
     let sent = i64::try_from(meta_chat::usage::estimate_tokens(&broken_text)).unwrap();
     calls.push(Call::chat(&broken, None, (3, sent)).failed());
@@ -949,36 +666,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
     // A client that leaves after the first chunk of a slow stream, conversation C: how much
     // text went out before the gateway noticed is up to timing, so the output tokens are
     // read from the record (and bounded).
-    let long = "one two three four five six seven eight nine ten eleven twelve thirteen";
-    gw.fake.push(
-        Reply::text(long)
-            .with_usage(100, 100)
-            .in_chunks(20)
-            .with_chunk_delay(Duration::from_millis(200)),
-    );
-    let leaving_client = reqwest::Client::new();
-    let response = leaving_client
-        .post(gw.url(chat))
-        .bearer_auth(&key)
-        .header("X-Conversation-Id", "conv-c")
-        .json(&hello(with_usage.clone()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let cancelled_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let mut stream = response.bytes_stream();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("no first chunk within 10 s")
-        .expect("the stream ended before its first chunk")
-        .unwrap();
-    assert!(common::contains(&first, "data: "), "{first:?}");
-    drop(stream);
-    drop(leaving_client);
+    let cancelled_id = leave_after_first_chunk(&gw, &key, &conversation("conv-c")).await;
 
     // The other tenant, in a conversation of the same name.
     gw.fake.push(Reply::text("Other.").with_usage(1_000, 1_000));
@@ -987,7 +675,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
         chat,
         &other_key,
         &hello(json!({})),
-        &[("X-Conversation-Id", "conv-a")],
+        &conversation("conv-a"),
     )
     .await;
     assert_eq!(elsewhere.status, 200, "{}", elsewhere.text);
@@ -1008,7 +696,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
     assert_eq!(cancelled.input_tokens, 3, "{cancelled:?}");
     let output = cancelled.output_tokens;
     assert!(
-        output < i64::try_from(meta_chat::usage::estimate_tokens(long)).unwrap(),
+        output < i64::try_from(meta_chat::usage::estimate_tokens(SLOW_TEXT)).unwrap(),
         "{cancelled:?}"
     );
     calls.push(Call {
@@ -1080,18 +768,8 @@ async fn known_calls_are_reported_exactly(db: Db) {
         yesterday.format("%Y-%m-%d").to_string(),
         tomorrow.format("%Y-%m-%d").to_string(),
     );
-    let by_model = report(
-        &gw,
-        &tenant_path(&tenant),
-        &key,
-        &[("from", &from), ("to", &to), ("groupBy", "model")],
-    )
-    .await;
-    assert_json_eq(
-        &by_model,
-        &expected_report(&expected, &Query::new(Some(&tenant), &from, &to)),
-        "by model",
-    );
+    let by = |group_by| check_days(&gw, &key, &expected, Some(&tenant), (&from, &to), group_by);
+    let by_model = by("model").await;
 
     // The same numbers, spelled out.
     let totals = &by_model["totals"];
@@ -1169,21 +847,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
         assert_eq!(by_model["series"][0]["costUsd"], "0.000000000");
     }
 
-    let by_provider = report(
-        &gw,
-        &tenant_path(&tenant),
-        &key,
-        &[("from", &from), ("to", &to), ("groupBy", "provider")],
-    )
-    .await;
-    assert_json_eq(
-        &by_provider,
-        &expected_report(
-            &expected,
-            &Query::new(Some(&tenant), &from, &to).by("day", "provider"),
-        ),
-        "by provider",
-    );
+    let by_provider = by("provider").await;
     let openai = row_of(&by_provider, "provider", &json!("openai"));
     assert_eq!(openai["requests"], 8);
     assert_eq!(openai["costNanoUsd"], cost - haiku_cost(40, 12));
@@ -1193,21 +857,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
     );
     assert_eq!(by_provider["breakdownTotal"], 2);
 
-    let by_conversation = report(
-        &gw,
-        &tenant_path(&tenant),
-        &key,
-        &[("from", &from), ("to", &to), ("groupBy", "conversation")],
-    )
-    .await;
-    assert_json_eq(
-        &by_conversation,
-        &expected_report(
-            &expected,
-            &Query::new(Some(&tenant), &from, &to).by("day", "conversation"),
-        ),
-        "by conversation",
-    );
+    let by_conversation = by("conversation").await;
     assert_eq!(by_conversation["breakdownTotal"], 4);
     let conv_a = row_of(&by_conversation, "conversationId", &json!("conv-a"));
     assert_eq!(conv_a["requests"], 3);
@@ -1261,18 +911,7 @@ async fn known_calls_are_reported_exactly(db: Db) {
     assert_eq!(default["breakdown"], by_model["breakdown"]);
 
     // The admin sees both tenants, the other one (more expensive) first.
-    let all = report(
-        &gw,
-        "/api/usage",
-        ADMIN_KEY,
-        &[("from", &from), ("to", &to), ("groupBy", "tenant")],
-    )
-    .await;
-    assert_json_eq(
-        &all,
-        &expected_report(&expected, &Query::new(None, &from, &to).by("day", "tenant")),
-        "by tenant",
-    );
+    let all = check_days(&gw, ADMIN_KEY, &expected, None, (&from, &to), "tenant").await;
     assert_eq!(all["tenantId"], Value::Null);
     assert_eq!(all["breakdown"][0]["tenantId"], other.as_str());
     assert_eq!(all["breakdown"][1]["tenantId"], tenant.as_str());
@@ -1282,23 +921,18 @@ async fn known_calls_are_reported_exactly(db: Db) {
     assert_eq!(got["breakdownTotal"], 5, "two conv-a, one per tenant");
 }
 
-#[tokio::test]
-async fn known_calls_are_reported_exactly_on_sqlite() {
-    known_calls_are_reported_exactly(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn known_calls_are_reported_exactly_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        known_calls_are_reported_exactly(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    known_calls_are_reported_exactly:
+        known_calls_are_reported_exactly_on_sqlite,
+        known_calls_are_reported_exactly_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
 // 2. Buckets across UTC boundaries; whole days and partial days.
 
 async fn buckets_and_partial_days_are_exact(db: Db) {
-    let gw = db.gateway().await;
+    let gw = db.gateway(&[]).await;
     let (edges, _) = gw.tenant_named("edges", json!({})).await;
     let (a, _) = gw.tenant_named("a", json!({})).await;
     let (b, _) = gw.tenant_named("b", json!({})).await;
@@ -1311,17 +945,13 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
     assert_eq!(store.count_usage(None).await.unwrap(), records.len() as u64);
 
     // The day rollups hold exactly the sums of the records, however they were batched.
-    assert_eq!(db.rollups().await, expected_rollups(&records));
+    assert_eq!(rollups(&db).await, expected_rollups(&records));
 
+    // The reports of `edges`, read as the admin.
     let path = tenant_path(&edges);
+    let edges_report = async |params: &[(&str, &str)]| report(&gw, &path, ADMIN_KEY, params).await;
     // Days across the year boundary: the last microsecond of 2025 and the first of 2026.
-    let days = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[("from", "2025-12-30"), ("to", "2026-01-02")],
-    )
-    .await;
+    let days = edges_report(&[("from", "2025-12-30"), ("to", "2026-01-02")]).await;
     assert_eq!(days["from"], "2025-12-30T00:00:00Z");
     assert_eq!(days["to"], "2026-01-03T00:00:00Z");
     assert_eq!(
@@ -1336,13 +966,7 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
     assert_eq!(days["series"][0]["costUsd"], "0.000000000");
     assert_eq!(days["series"][0]["requests"], 0);
     // Days across the end of February and a Sunday/Monday pair.
-    let days = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[("from", "2026-02-27"), ("to", "2026-03-03")],
-    )
-    .await;
+    let days = edges_report(&[("from", "2026-02-27"), ("to", "2026-03-03")]).await;
     assert_eq!(
         series_field(&days, "inputTokens"),
         vec![
@@ -1355,16 +979,11 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
     );
     // ISO weeks (Monday to Sunday): 2025-12-29 holds both sides of the new year; Sunday
     // 2026-03-01 ends the week of 2026-02-23, Monday 2026-03-02 starts the next.
-    let weeks = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[
-            ("from", "2025-12-22"),
-            ("to", "2026-03-08"),
-            ("granularity", "week"),
-        ],
-    )
+    let weeks = edges_report(&[
+        ("from", "2025-12-22"),
+        ("to", "2026-03-08"),
+        ("granularity", "week"),
+    ])
     .await;
     let mut expected_weeks: Vec<(String, i64)> = [
         "2025-12-22",
@@ -1389,16 +1008,11 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
     assert_eq!(weeks["series"][2]["requests"], 0);
     // Months: the first bucket starts before the period (which counts only what lies inside
     // it), the last one is empty.
-    let months = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[
-            ("from", "2025-11-15T00:00:00Z"),
-            ("to", "2026-04-30"),
-            ("granularity", "month"),
-        ],
-    )
+    let months = edges_report(&[
+        ("from", "2025-11-15T00:00:00Z"),
+        ("to", "2026-04-30"),
+        ("granularity", "month"),
+    ])
     .await;
     assert_eq!(
         series_field(&months, "inputTokens"),
@@ -1454,7 +1068,7 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
         ("2026-01-01T01:00:00+02:00", "2026-01-01T00:00:00Z", 1),
     ];
     for (from, to, input) in partial {
-        let answer = report(&gw, &path, ADMIN_KEY, &[("from", from), ("to", to)]).await;
+        let answer = edges_report(&[("from", from), ("to", to)]).await;
         assert_eq!(
             answer["totals"]["inputTokens"], input,
             "{from} to {to}: {answer:#}"
@@ -1465,13 +1079,7 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
             .sum();
         assert_eq!(series_sum, input, "{from} to {to}: {answer:#}");
     }
-    let offset = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[("from", "2025-12-31T12:00:00-12:00"), ("to", "2026-01-01")],
-    )
-    .await;
+    let offset = edges_report(&[("from", "2025-12-31T12:00:00-12:00"), ("to", "2026-01-01")]).await;
     assert_eq!(offset["from"], "2026-01-01T00:00:00Z");
     assert_eq!(offset["to"], "2026-01-02T00:00:00Z");
 
@@ -1524,53 +1132,33 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
          VALUES ('{edges}', '2026-03-01', 'rollup-only', 'm', 1, 0, 0, 1000, 0, 0, 5)"
     ))
     .await;
-    let whole = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[
-            ("from", "2026-03-01"),
-            ("to", "2026-03-01"),
-            ("groupBy", "provider"),
-        ],
-    )
+    let whole = edges_report(&[
+        ("from", "2026-03-01"),
+        ("to", "2026-03-01"),
+        ("groupBy", "provider"),
+    ])
     .await;
     assert_eq!(whole["totals"]["inputTokens"], 8 + 16 + 1000, "{whole:#}");
     row_of(&whole, "provider", &json!("rollup-only"));
-    let three_parts = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[
-            ("from", "2026-02-28T12:00:00Z"),
-            ("to", "2026-03-02T12:00:00Z"),
-        ],
-    )
+    let three_parts = edges_report(&[
+        ("from", "2026-02-28T12:00:00Z"),
+        ("to", "2026-03-02T12:00:00Z"),
+    ])
     .await;
     assert_eq!(three_parts["totals"]["inputTokens"], 60 + 1000);
-    let within_the_day = report(
-        &gw,
-        &path,
-        ADMIN_KEY,
-        &[
-            ("from", "2026-03-01T00:00:00Z"),
-            ("to", "2026-03-01T23:59:59.999999Z"),
-        ],
-    )
+    let within_the_day = edges_report(&[
+        ("from", "2026-03-01T00:00:00Z"),
+        ("to", "2026-03-01T23:59:59.999999Z"),
+    ])
     .await;
     assert_eq!(within_the_day["totals"]["inputTokens"], 8);
 }
 
-#[tokio::test]
-async fn buckets_and_partial_days_are_exact_on_sqlite() {
-    buckets_and_partial_days_are_exact(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn buckets_and_partial_days_are_exact_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        buckets_and_partial_days_are_exact(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    buckets_and_partial_days_are_exact:
+        buckets_and_partial_days_are_exact_on_sqlite,
+        buckets_and_partial_days_are_exact_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1590,7 +1178,7 @@ fn assert_bad_parameter(answer: &Answer, param: &str, context: &str) {
 }
 
 async fn bad_parameters_are_named(db: Db) {
-    let gw = db.gateway().await;
+    let gw = db.gateway(&[]).await;
     let (tenant, key) = gw.tenant(json!({})).await;
     let path = tenant_path(&tenant);
     let cases: &[(&[(&str, &str)], &str)] = &[
@@ -1675,16 +1263,11 @@ async fn bad_parameters_are_named(db: Db) {
     }
 }
 
-#[tokio::test]
-async fn bad_parameters_are_named_on_sqlite() {
-    bad_parameters_are_named(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn bad_parameters_are_named_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        bad_parameters_are_named(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    bad_parameters_are_named:
+        bad_parameters_are_named_on_sqlite,
+        bad_parameters_are_named_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1696,7 +1279,7 @@ fn assert_error(answer: &Answer, status: u16, code: &str) {
 }
 
 async fn access_ranking_and_pages(db: Db) {
-    let gw = db.gateway().await;
+    let gw = db.gateway(&[]).await;
     let (t1, key1) = gw.tenant_named("one", json!({})).await;
     let (t2, key2) = gw.tenant_named("two", json!({})).await;
     let (t3, _) = gw.tenant_named("three", json!({})).await;
@@ -1869,16 +1452,11 @@ async fn access_ranking_and_pages(db: Db) {
     assert_eq!(all["breakdownTotal"], 6);
 }
 
-#[tokio::test]
-async fn access_ranking_and_pages_on_sqlite() {
-    access_ranking_and_pages(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn access_ranking_and_pages_on_postgres() {
-    if let Some(db) = Db::postgres().await {
-        access_ranking_and_pages(db).await;
-    }
+on_sqlite_and_postgres! {
+    #[tokio::test]
+    access_ranking_and_pages:
+        access_ranking_and_pages_on_sqlite,
+        access_ranking_and_pages_on_postgres
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1907,7 +1485,7 @@ async fn sqlite_and_postgres_give_the_same_reports() {
     for store in [&sqlite_store, &pg_store] {
         insert_in_batches(store.as_ref(), &records).await;
     }
-    assert_eq!(sqlite.rollups().await, pg.rollups().await);
+    assert_eq!(rollups(&sqlite).await, rollups(&pg).await);
 
     let now = at("2026-03-05T15:30:00.123456Z");
     let ranges = [

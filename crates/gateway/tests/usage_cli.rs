@@ -10,7 +10,8 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
+use common::usage::{Sum, at, bucket_of, chat_record, day, error_kind_of};
 use meta_chat::analytics::{self, ReportParams};
 use meta_chat::store::{NewTenant, SqliteStore, Store, UsageRecord};
 use meta_chat_llm::pricing::format_usd;
@@ -46,6 +47,13 @@ impl Fixture {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// [`Fixture::usage_ok`] for the tenant from `from` to `to`, then `extra`.
+    async fn tenant_usage(&self, from: &str, to: &str, extra: &[&str]) -> String {
+        let mut args = vec!["--tenant", &self.tenant, "--from", from, "--to", to];
+        args.extend_from_slice(extra);
+        self.usage_ok(&args).await
     }
 
     /// What `meta_chat::analytics::report` answers for the same query, as JSON.
@@ -85,16 +93,6 @@ async fn run(dir: &Path, command: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn at(text: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(text)
-        .unwrap()
-        .with_timezone(&Utc)
-}
-
-fn day(text: &str) -> NaiveDate {
-    NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
-}
-
 const MINI: (&str, &str) = ("openai", "gpt-4o-mini");
 const HAIKU: (&str, &str) = ("anthropic", "claude-3-5-haiku-20241022");
 const EMBEDDING: (&str, &str) = ("openai", "text-embedding-3-small");
@@ -111,9 +109,7 @@ fn record(
     status: &str,
 ) -> UsageRecord {
     UsageRecord {
-        tenant_id: tenant.to_owned(),
         conversation_id: conversation.map(str::to_owned),
-        request_id: uuid::Uuid::new_v4().to_string(),
         endpoint: if embedding > 0 { "embeddings" } else { "chat" }.to_owned(),
         provider: provider.to_owned(),
         model: model.to_owned(),
@@ -122,13 +118,9 @@ fn record(
         embedding_tokens: embedding,
         cost_nano_usd: cost,
         latency_ms: 120,
-        ttft_ms: None,
         status: status.to_owned(),
-        error_kind: (status == "error").then(|| "upstream_error".to_owned()),
-        cache_hit: false,
-        fallback_from: None,
-        tokens_estimated: false,
-        created_at: at(created_at),
+        error_kind: error_kind_of(status),
+        ..chat_record(tenant, at(created_at))
     }
 }
 
@@ -174,101 +166,26 @@ async fn fixture() -> Fixture {
 
     let t = tenant.as_str();
     // 2026-10-05 and 2026-10-12 are Mondays; 2026-10-01 is a Thursday.
-    let records = vec![
+    #[rustfmt::skip]
+    let records = [
         // Before the period.
-        record(
-            t,
-            "2026-09-30T23:59:59Z",
-            MINI,
-            Some("c0"),
-            (1, 1, 0),
-            7,
-            "ok",
-        ),
-        record(
-            t,
-            "2026-10-05T09:00:00Z",
-            MINI,
-            Some("c1"),
-            (100, 50, 0),
-            45_000,
-            "ok",
-        ),
-        record(
-            t,
-            "2026-10-05T23:59:59.500Z",
-            MINI,
-            Some("c1"),
-            (200, 100, 0),
-            90_000,
-            "ok",
-        ),
-        record(
-            t,
-            "2026-10-07T12:00:00Z",
-            HAIKU,
-            Some("c2"),
-            (1000, 10, 0),
-            1_040_000,
-            "ok",
-        ),
-        record(
-            t,
-            "2026-10-07T13:00:00Z",
-            HAIKU,
-            Some("c2"),
-            (0, 0, 0),
-            0,
-            "error",
-        ),
-        record(
-            t,
-            "2026-10-12T08:00:00Z",
-            EMBEDDING,
-            None,
-            (0, 0, 500),
-            10_000,
-            "ok",
-        ),
-        record(
-            t,
-            "2026-10-31T23:00:00Z",
-            HAIKU,
-            Some("c2"),
-            (2000, 100, 0),
-            2_000_000,
-            "ok",
-        ),
-        record(
-            t,
-            "2026-11-02T09:00:00Z",
-            MINI,
-            Some("c3"),
-            (10, 5, 0),
-            4_500,
-            "ok",
-        ),
+        (t, "2026-09-30T23:59:59Z", MINI, Some("c0"), (1, 1, 0), 7, "ok"),
+        (t, "2026-10-05T09:00:00Z", MINI, Some("c1"), (100, 50, 0), 45_000, "ok"),
+        (t, "2026-10-05T23:59:59.500Z", MINI, Some("c1"), (200, 100, 0), 90_000, "ok"),
+        (t, "2026-10-07T12:00:00Z", HAIKU, Some("c2"), (1000, 10, 0), 1_040_000, "ok"),
+        (t, "2026-10-07T13:00:00Z", HAIKU, Some("c2"), (0, 0, 0), 0, "error"),
+        (t, "2026-10-12T08:00:00Z", EMBEDDING, None, (0, 0, 500), 10_000, "ok"),
+        (t, "2026-10-31T23:00:00Z", HAIKU, Some("c2"), (2000, 100, 0), 2_000_000, "ok"),
+        (t, "2026-11-02T09:00:00Z", MINI, Some("c3"), (10, 5, 0), 4_500, "ok"),
         // After the period.
-        record(
-            t,
-            "2026-11-16T00:00:00Z",
-            MINI,
-            Some("c3"),
-            (1, 1, 0),
-            11,
-            "ok",
-        ),
+        (t, "2026-11-16T00:00:00Z", MINI, Some("c3"), (1, 1, 0), 11, "ok"),
         // Another tenant, same conversation id, inside the period.
-        record(
-            OTHER,
-            "2026-10-05T10:00:00Z",
-            GPT4O,
-            Some("c1"),
-            (70, 30, 0),
-            999_999,
-            "ok",
-        ),
-    ];
+        (OTHER, "2026-10-05T10:00:00Z", GPT4O, Some("c1"), (70, 30, 0), 999_999, "ok"),
+    ]
+    .map(|(tenant, at, model, conversation, tokens, cost, status)| {
+        record(tenant, at, model, conversation, tokens, cost, status)
+    })
+    .to_vec();
     // Two batches, like two flushes of the usage writer.
     store.insert_usage(&records[..4]).await.unwrap();
     store.insert_usage(&records[4..]).await.unwrap();
@@ -294,17 +211,12 @@ fn row(label: &str, totals: [i64; 5], cost_nano: i64) -> Vec<String> {
 
 /// The sums over `records` as a table row labelled `label`.
 fn sum_row<'a>(label: &str, records: impl IntoIterator<Item = &'a UsageRecord>) -> Vec<String> {
-    let mut totals = [0; 5];
-    let mut cost = 0;
-    for r in records {
-        totals[0] += 1;
-        totals[1] += i64::from(r.status == "error");
-        totals[2] += r.input_tokens;
-        totals[3] += r.output_tokens;
-        totals[4] += r.embedding_tokens;
-        cost += r.cost_nano_usd;
-    }
-    row(label, totals, cost)
+    let s = Sum::of(records);
+    row(
+        label,
+        [s.requests, s.errors, s.input, s.output, s.embedding],
+        s.cost,
+    )
 }
 
 /// The printed report: its title line and its three tables (header, rows), split into cells.
@@ -369,6 +281,15 @@ impl Fixture {
             .filter(|r| r.tenant_id == self.tenant && r.created_at >= from && r.created_at < to)
             .collect()
     }
+
+    /// The tables of the tenant over the whole period, with `extra` flags, as printed and
+    /// parsed; their title and totals checked.
+    async fn period_tables(&self, extra: &[&str]) -> (String, Printed) {
+        let text = self.tenant_usage(FROM, TO, extra).await;
+        let printed = parse(&text);
+        assert_title_and_totals(self, &printed);
+        (text, printed)
+    }
 }
 
 const PERIOD_FROM: &str = "2026-10-01T00:00:00Z";
@@ -393,15 +314,14 @@ fn assert_title_and_totals(fixture: &Fixture, printed: &Printed) {
     );
 }
 
-/// The series rows: one per bucket start in `starts`, each summing the tenant's records in
-/// the period whose day falls in `[start, next start)`.
-fn expected_series(
-    fixture: &Fixture,
-    starts: &[NaiveDate],
-    bucket_of: impl Fn(NaiveDate) -> NaiveDate,
-) -> Vec<Vec<String>> {
+/// The series table of a report of the tenant over the whole period by `granularity`: one row
+/// per bucket start in `starts`, each summing the tenant's records in the period whose day
+/// falls in that bucket.
+fn assert_series(fixture: &Fixture, printed: &Printed, granularity: &str, starts: &[NaiveDate]) {
+    let label = granularity.to_uppercase();
+    assert_eq!(printed.series.0, header(&[&label, "STARTING"]));
     let records = fixture.in_period(PERIOD_FROM, PERIOD_TO);
-    starts
+    let expected: Vec<Vec<String>> = starts
         .iter()
         .map(|start| {
             sum_row(
@@ -409,30 +329,25 @@ fn expected_series(
                 records
                     .iter()
                     .copied()
-                    .filter(|r| bucket_of(r.created_at.date_naive()) == *start),
+                    .filter(|r| bucket_of(granularity, r.created_at.date_naive()) == *start),
             )
         })
-        .collect()
+        .collect();
+    assert_eq!(printed.series.1, expected);
 }
 
 #[tokio::test]
 async fn tables_by_day_and_model() {
     let fixture = fixture().await;
-    let tenant = fixture.tenant.as_str();
-    let text = fixture
-        .usage_ok(&["--tenant", tenant, "--from", FROM, "--to", TO])
-        .await;
-    let printed = parse(&text);
-    assert_title_and_totals(&fixture, &printed);
+    let (text, printed) = fixture.period_tables(&[]).await;
 
     // One row per day, October 1 to November 15, empty days included.
-    assert_eq!(printed.series.0, header(&["DAY", "STARTING"]));
     let days: Vec<NaiveDate> = day(FROM)
         .iter_days()
         .take_while(|d| *d <= day(TO))
         .collect();
     assert_eq!(days.len(), 46);
-    assert_eq!(printed.series.1, expected_series(&fixture, &days, |d| d));
+    assert_series(&fixture, &printed, "day", &days);
     let series_row = |label: &str| {
         printed
             .series
@@ -476,27 +391,12 @@ async fn tables_by_day_and_model() {
 #[tokio::test]
 async fn tables_by_week_and_provider() {
     let fixture = fixture().await;
-    let tenant = fixture.tenant.as_str();
-    let text = fixture
-        .usage_ok(&[
-            "--tenant",
-            tenant,
-            "--from",
-            FROM,
-            "--to",
-            TO,
-            "--granularity",
-            "week",
-            "--group-by",
-            "provider",
-        ])
+    let (_, printed) = fixture
+        .period_tables(&["--granularity", "week", "--group-by", "provider"])
         .await;
-    let printed = parse(&text);
-    assert_title_and_totals(&fixture, &printed);
 
     // Weeks start on Monday: the first bucket (September 28) starts before the period and
     // counts only what lies inside it (not September 30's record).
-    assert_eq!(printed.series.0, header(&["WEEK", "STARTING"]));
     let mondays: Vec<NaiveDate> = [
         "2026-09-28",
         "2026-10-05",
@@ -509,12 +409,7 @@ async fn tables_by_week_and_provider() {
     .into_iter()
     .map(day)
     .collect();
-    let monday_of =
-        |d: NaiveDate| d - chrono::Days::new(u64::from(d.weekday().num_days_from_monday()));
-    assert_eq!(
-        printed.series.1,
-        expected_series(&fixture, &mondays, monday_of)
-    );
+    assert_series(&fixture, &printed, "week", &mondays);
     assert_eq!(
         printed.series.1,
         vec![
@@ -541,30 +436,12 @@ async fn tables_by_week_and_provider() {
 #[tokio::test]
 async fn tables_by_month_and_conversation() {
     let fixture = fixture().await;
-    let tenant = fixture.tenant.as_str();
-    let text = fixture
-        .usage_ok(&[
-            "--tenant",
-            tenant,
-            "--from",
-            FROM,
-            "--to",
-            TO,
-            "--granularity",
-            "month",
-            "--group-by",
-            "conversation",
-        ])
+    let (_, printed) = fixture
+        .period_tables(&["--granularity", "month", "--group-by", "conversation"])
         .await;
-    let printed = parse(&text);
-    assert_title_and_totals(&fixture, &printed);
 
-    assert_eq!(printed.series.0, header(&["MONTH", "STARTING"]));
     let months = [day("2026-10-01"), day("2026-11-01")];
-    assert_eq!(
-        printed.series.1,
-        expected_series(&fixture, &months, |d| d.with_day(1).unwrap())
-    );
+    assert_series(&fixture, &printed, "month", &months);
     assert_eq!(
         printed.series.1,
         vec![
@@ -588,18 +465,7 @@ async fn tables_by_month_and_conversation() {
 
     // A shorter page says how many rows there are.
     let text = fixture
-        .usage_ok(&[
-            "--tenant",
-            tenant,
-            "--from",
-            FROM,
-            "--to",
-            TO,
-            "--group-by",
-            "conversation",
-            "--limit",
-            "2",
-        ])
+        .tenant_usage(FROM, TO, &["--group-by", "conversation", "--limit", "2"])
         .await;
     let printed = parse(&text);
     assert_eq!(
@@ -621,9 +487,7 @@ async fn partial_days_at_the_edges() {
     let fixture = fixture().await;
     let tenant = fixture.tenant.as_str();
     let (from, to) = ("2026-10-05T12:00:00Z", "2026-10-31T23:30:00Z");
-    let text = fixture
-        .usage_ok(&["--tenant", tenant, "--from", from, "--to", to])
-        .await;
+    let text = fixture.tenant_usage(from, to, &[]).await;
     let printed = parse(&text);
     assert_eq!(
         printed.title,
@@ -663,19 +527,17 @@ async fn json_is_the_report_of_the_same_query() {
     ] {
         for (from, to) in [(FROM, TO), ("2026-10-05T12:00:00Z", "2026-10-31T23:30:00Z")] {
             let text = fixture
-                .usage_ok(&[
-                    "--tenant",
-                    tenant,
-                    "--from",
+                .tenant_usage(
                     from,
-                    "--to",
                     to,
-                    "--granularity",
-                    granularity,
-                    "--group-by",
-                    group_by,
-                    "--json",
-                ])
+                    &[
+                        "--granularity",
+                        granularity,
+                        "--group-by",
+                        group_by,
+                        "--json",
+                    ],
+                )
                 .await;
             let printed: Value =
                 serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
@@ -690,9 +552,7 @@ async fn json_is_the_report_of_the_same_query() {
     }
 
     // Spot checks of the JSON itself.
-    let text = fixture
-        .usage_ok(&["--tenant", tenant, "--from", FROM, "--to", TO, "--json"])
-        .await;
+    let text = fixture.tenant_usage(FROM, TO, &["--json"]).await;
     let printed: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(printed["tenantId"], tenant);
     assert_eq!(printed["totals"]["requests"], 7);

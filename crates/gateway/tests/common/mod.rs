@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod usage;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::Path;
@@ -170,6 +172,15 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Reads `response` whole.
+    pub async fn read(response: reqwest::Response) -> Self {
+        Self {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            text: response.text().await.unwrap(),
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.text)
             .unwrap_or_else(|e| panic!("{} answer is not JSON ({e}): {}", self.status, self.text))
@@ -211,12 +222,7 @@ pub async fn request(
             .header("content-type", "application/json")
             .body(body);
     }
-    let response = request.send().await.unwrap();
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        text: response.text().await.unwrap(),
-    }
+    Answer::read(request.send().await.unwrap()).await
 }
 
 /// The body of `POST /api/tenants`.
