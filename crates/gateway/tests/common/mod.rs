@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use meta_chat::api::AppState;
 use meta_chat::bootstrap;
@@ -49,7 +50,18 @@ pub async fn serve(config: Config) -> (String, Option<String>) {
 
 /// As [`serve`], also returning the gateway's [`AppState`] (its store, usage recorder, …).
 pub async fn serve_state(config: Config) -> (String, AppState, Option<String>) {
-    let (state, admin_key) = bootstrap::app_state(config).await.unwrap();
+    serve_state_with_clock(config, Arc::new(meta_chat::limits::SystemClock)).await
+}
+
+/// As [`serve_state`], with the rate limiter and budgets reading `clock` (a
+/// [`meta_chat::limits::ManualClock`] lets a test move time).
+pub async fn serve_state_with_clock(
+    config: Config,
+    clock: Arc<dyn meta_chat::limits::Clock>,
+) -> (String, AppState, Option<String>) {
+    let (state, admin_key) = bootstrap::app_state_with_clock(config, clock)
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = meta_chat::api::router(state.clone());
@@ -86,6 +98,14 @@ impl Gateway {
 
     /// As [`Gateway::start`]; `extra` come after (and so override) the defaults.
     pub async fn start_with(extra: &[(&str, &str)]) -> Self {
+        Self::start_with_clock(extra, Arc::new(meta_chat::limits::SystemClock)).await
+    }
+
+    /// As [`Gateway::start_with`], with the limiter reading `clock`.
+    pub async fn start_with_clock(
+        extra: &[(&str, &str)],
+        clock: Arc<dyn meta_chat::limits::Clock>,
+    ) -> Self {
         meta_chat_llm::install_crypto_provider();
         let fake = FakeServer::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -108,7 +128,7 @@ impl Gateway {
                 .iter()
                 .map(|(name, value)| (*name, (*value).to_owned())),
         );
-        let (base, state, _) = serve_state(config(vars)).await;
+        let (base, state, _) = serve_state_with_clock(config(vars), clock).await;
         Self {
             base,
             client: reqwest::Client::new(),
@@ -269,6 +289,27 @@ pub fn test_database_url() -> Option<String> {
             None
         }
     }
+}
+
+/// `TEST_REDIS_URL`, or `None` (Redis skipped, saying so) unless `REQUIRE_SERVICES=1`, which
+/// makes a missing URL a failure.
+pub fn test_redis_url() -> Option<String> {
+    match std::env::var("TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("REQUIRE_SERVICES").as_deref() == Ok("1") => {
+            panic!("REQUIRE_SERVICES=1 but TEST_REDIS_URL is not set (Redis required)")
+        }
+        _ => {
+            eprintln!("skipping Redis: TEST_REDIS_URL not set");
+            None
+        }
+    }
+}
+
+/// A `REDIS_KEY_PREFIX` private to one test, so tests sharing a Redis never see each other's
+/// keys.
+pub fn redis_prefix(test: &str) -> String {
+    format!("mc-test:{test}:{}:", uuid::Uuid::new_v4().simple())
 }
 
 /// A PostgreSQL schema private to one test, so tests run in parallel without seeing each
