@@ -12,9 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::{
     ADMIN_KEY_HASH, ConversationPage, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
-    Store, StoreError, TOMBSTONE_LIFETIME, Tenant, USAGE_INSERT_CHUNK, UsageDimension, UsageGroup,
-    UsageRecord, UsageScope, UsageTotals, db_err, merge_groups, migrator, now, plan_range,
-    rollup_batch,
+    Store, StoreError, TOMBSTONE_LIFETIME, Tenant, UsageDimension, UsageGroup, UsageRecord,
+    UsageScope, UsageTotals, db_err, merge_groups, migrator, now, plan_range, rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -320,28 +319,28 @@ impl Store for PostgresStore {
         }
         // Rollup rows are upserted in key order, so two replicas writing batches for the same
         // tenants lock them in the same order and cannot deadlock.
-        for chunk in rollup_batch(records).chunks(USAGE_INSERT_CHUNK) {
-            let mut upsert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd) ",
-            );
-            upsert.push_values(
-                chunk,
-                |mut row, ((tenant, day, provider, model), totals)| {
-                    row.push_bind(tenant.clone())
-                        .push_bind(*day)
-                        .push_bind(provider.clone())
-                        .push_bind(model.clone())
-                        .push_bind(totals.requests)
-                        .push_bind(totals.errors)
-                        .push_bind(totals.cache_hits)
-                        .push_bind(totals.input_tokens)
-                        .push_bind(totals.output_tokens)
-                        .push_bind(totals.embedding_tokens)
-                        .push_bind(totals.cost_nano_usd);
-                },
-            );
-            upsert.push(ROLLUP_CONFLICT);
-            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
+        let rollup = rollup_batch(records);
+        if !rollup.is_empty() {
+            let text = |f: fn(&RollupRow) -> &str| rollup.iter().map(f).collect::<Vec<_>>();
+            let number = |f: fn(&RollupRow) -> i64| rollup.iter().map(f).collect::<Vec<_>>();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd) \
+                 SELECT * FROM UNNEST($1::TEXT[], $2::DATE[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[]){ROLLUP_CONFLICT}"
+            )))
+            .bind(text(|((tenant, ..), _)| tenant))
+            .bind(rollup.iter().map(|((_, day, ..), _)| *day).collect::<Vec<_>>())
+            .bind(text(|((_, _, provider, _), _)| provider))
+            .bind(text(|((.., model), _)| model))
+            .bind(number(|(_, t)| t.requests))
+            .bind(number(|(_, t)| t.errors))
+            .bind(number(|(_, t)| t.cache_hits))
+            .bind(number(|(_, t)| t.input_tokens))
+            .bind(number(|(_, t)| t.output_tokens))
+            .bind(number(|(_, t)| t.embedding_tokens))
+            .bind(number(|(_, t)| t.cost_nano_usd))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)
     }
@@ -583,6 +582,9 @@ impl Store for PostgresStore {
         .map_err(db_err)
     }
 }
+
+/// A row of the day rollups: tenant, day, provider, model and totals.
+type RollupRow = ((String, NaiveDate, String, String), UsageTotals);
 
 /// Rows per `INSERT … SELECT FROM UNNEST` of usage records.
 const USAGE_UNNEST_CHUNK: usize = 5_000;
