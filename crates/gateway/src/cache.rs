@@ -82,6 +82,10 @@ impl ResponseCache {
     pub fn memory(max_bytes: u64) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(max_bytes)
+            // Least recently used first. moka's default (TinyLFU) refuses a new entry that is
+            // not asked for more often than the one it would evict: once full, the cache would
+            // stop taking new answers until old ones expired.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .weigher(|key: &String, entry: &Arc<Entry>| {
                 u32::try_from(key.len() + entry.json.len() + 64).unwrap_or(u32::MAX)
             })

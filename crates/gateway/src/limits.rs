@@ -228,6 +228,11 @@ impl Limits {
         &self.clock
     }
 
+    /// The counters behind the limiter (for tests and diagnostics).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
     /// Checks all of `tenant`'s limits for one request whose worst-case cost is
     /// `worst_case_nano`, and reserves that cost against its budgets:
     /// [`Self::check_rate`] then [`Self::reserve`].
