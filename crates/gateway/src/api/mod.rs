@@ -2,6 +2,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod chat;
 pub mod error;
 pub mod json;
 pub mod metering;

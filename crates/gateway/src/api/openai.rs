@@ -11,31 +11,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::header::RETRY_AFTER;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures::StreamExt;
 use meta_chat_llm::{
-    ChunkStream, FallbackChain, FallbackEntry, FallbackExhausted, LlmError, LlmProvider,
-    ProviderConfig, ProviderKind, StreamAccumulator, Usage, create_provider, pricing::format_usd,
+    CompletionResponse, FallbackChain, FallbackEntry, FallbackExhausted, LlmError, LlmProvider,
+    ProviderConfig, ProviderKind, StreamChunk, Usage, create_provider, pricing::format_usd,
 };
 
 use super::AppState;
 use super::admission;
 use super::auth::Caller;
+use super::chat::{self, ChatCall, Dialect, StreamEncoder};
 use super::error::ApiError;
 use super::json::RawBody;
-use super::metering::{self, Meter, Outcome, estimate_input_tokens};
+use super::metering::{self, Meter, Outcome};
 use super::openai_codec::{
-    ChatCompletionsRequest, ChunkEncoder, SSE_DONE, completion_json, embeddings_json, models_json,
-    parse_chat_request, parse_embeddings_request, sse_data,
+    ChunkEncoder, SSE_DONE, completion_json, embeddings_json, models_json, parse_chat_request,
+    parse_embeddings_request, sse_data,
 };
-use crate::cache::{CachedAnswer, ResponseCache};
 use crate::routing;
 use crate::settings::TenantSettings;
 use crate::store::Tenant;
@@ -147,7 +146,7 @@ impl Arrival {
 }
 
 /// Runs `future` and adds how long it took to `upstream`.
-async fn timed<T>(upstream: &mut Duration, future: impl Future<Output = T>) -> T {
+pub(super) async fn timed<T>(upstream: &mut Duration, future: impl Future<Output = T>) -> T {
     let started = Instant::now();
     let value = future.await;
     *upstream += started.elapsed();
@@ -175,6 +174,11 @@ impl From<ApiError> for Failure {
 }
 
 impl Failure {
+    /// The error answered.
+    pub fn error(&self) -> &ApiError {
+        &self.error
+    }
+
     /// A refusal by a limit: `error` with `Retry-After` and the `x-ratelimit-*` headers.
     pub fn limited(
         error: ApiError,
@@ -208,7 +212,7 @@ impl IntoResponse for Failure {
 }
 
 /// The calling tenant; 403 `tenant_key_required` for the admin key.
-fn require_tenant(caller: Caller) -> Result<Arc<Tenant>, ApiError> {
+pub(super) fn require_tenant(caller: Caller) -> Result<Arc<Tenant>, ApiError> {
     match caller {
         Caller::Tenant(tenant) => Ok(tenant),
         Caller::Admin => Err(ApiError::new(
@@ -221,7 +225,10 @@ fn require_tenant(caller: Caller) -> Result<Arc<Tenant>, ApiError> {
 
 /// The routed provider chain. Each provider redacts its own key from its errors
 /// ([`meta_chat_llm::Redacted`]), so no copy of a key is kept here.
-fn build_chain(primary: ProviderConfig, fallback: Vec<(u32, ProviderConfig)>) -> FallbackChain {
+pub(super) fn build_chain(
+    primary: ProviderConfig,
+    fallback: Vec<(u32, ProviderConfig)>,
+) -> FallbackChain {
     let mut entries = Vec::with_capacity(1 + fallback.len());
     // The primary goes first: the chain sorts stably and it has the lowest priority.
     for (priority, config) in std::iter::once((0, primary)).chain(fallback) {
@@ -237,7 +244,7 @@ fn build_chain(primary: ProviderConfig, fallback: Vec<(u32, ProviderConfig)>) ->
 }
 
 /// The tenant's settings with keys decrypted; 500 (logged) when they cannot be read.
-fn open_settings(state: &AppState, tenant: &Tenant) -> Result<TenantSettings, ApiError> {
+pub(super) fn open_settings(state: &AppState, tenant: &Tenant) -> Result<TenantSettings, ApiError> {
     state.tenants.open(tenant).map_err(|error| {
         tracing::error!(tenant = %tenant.id, %error, "cannot open the tenant's settings");
         ApiError::new(
@@ -366,246 +373,96 @@ async fn chat_completions(
 ) -> Result<Response, Failure> {
     let tenant = require_tenant(caller)?;
     let parsed = parse_chat_request(&body)?;
-    let request_id = arrival.2;
-    let mut meter = Meter::new(
-        &state,
-        &tenant.id,
-        metering::conversation_id(&headers, parsed.conversation_id.clone())?,
-        "chat",
+    let call = ChatCall {
+        conversation_id: metering::conversation_id(&headers, parsed.conversation_id.clone())?,
+        tenant,
+        endpoint: "chat",
+        model: parsed.model,
+        request: parsed.request,
+        stream: parsed.stream,
+    };
+    chat::serve(
+        state,
         arrival,
-    );
-    let settings = open_settings(&state, &tenant)?;
-    meter.alert_threshold_nano = metering::alert_threshold_nano(&state, &settings);
-    let limits = admission::tenant_limits(&state, &settings);
-    let cache_ttl = admission::cache_ttl(&settings);
-    let (primary, fallback) =
-        routing::provider_config(&state.config.llm, &settings, parsed.model.as_deref())?;
-    drop(settings);
-    let completion_id = format!("chatcmpl-{}", request_id.simple());
-    let created = chrono::Utc::now().timestamp();
-
-    // Requests per minute count every request, cached or not.
-    let rate_headers = state
-        .limits
-        .check_rate(&tenant.id, &limits)
-        .await
-        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
-
-    let cache_key = cache_ttl.map(|_| ResponseCache::key(&tenant.id, &primary, &parsed.request));
-    if let Some(key) = &cache_key
-        && let Some(hit) = state.cache.get(key).await
-    {
-        state.metrics.record_cache_hit(&tenant.id);
-        let reply = Reply {
-            completion_id,
-            created,
-            request_id,
-            rate_headers,
-        };
-        return Ok(cached_answer(&meter, hit, &parsed, reply));
-    }
-
-    // Tokens per day and budgets are for requests that will reach a provider.
-    let worst_case = admission::worst_case_cost(
-        &state,
-        std::iter::once(&primary).chain(fallback.iter().map(|(_, config)| config)),
-        &parsed.request,
-    );
-    let admitted = state
-        .limits
-        .reserve(&tenant.id, &limits, worst_case, rate_headers)
-        .await
-        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
-    meter.settlement = admitted.settlement;
-    let cache_fill = cache_key.zip(cache_ttl).map(|(key, ttl)| CacheFill {
-        cache: state.cache.clone(),
-        key,
-        ttl,
-    });
-
-    let input_estimate = estimate_input_tokens(&parsed.request);
-    let pending = meter.pending(primary.provider, &primary.model, input_estimate);
-    let chain = build_chain(primary, fallback);
-    let mut upstream = Duration::ZERO;
-
-    if parsed.stream {
-        let result = timed(&mut upstream, chain.stream_served(&parsed.request)).await;
-        pending.done();
-        let served = result.map_err(|e| exhausted(e, &meter))?;
-        let body = sse_body(
-            served.value,
-            ChunkEncoder::new(
-                completion_id,
-                created,
-                served.model.clone(),
-                parsed.include_usage,
-            ),
-            StreamContext {
-                meter,
-                provider: served.provider,
-                model: served.model.clone(),
-                fallback_from: served.failed.first().map(|f| f.provider),
-                ttft: arrival.0.elapsed(),
-                input_estimate,
-                cache_hit: false,
-                cache_fill,
-            },
-        );
-        let mut response = sse_response(body);
-        set_headers(
-            &mut response,
-            served.provider,
-            &served.model,
-            None,
-            request_id,
-            arrival.overhead(upstream),
-            CacheStatus::Miss,
-            &admitted.headers,
-        );
-        return Ok(response);
-    }
-
-    let result = timed(&mut upstream, chain.complete_served(&parsed.request)).await;
-    pending.done();
-    let served = result.map_err(|e| exhausted(e, &meter))?;
-    let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
-    outcome.fallback_from = served.failed.first().map(|f| f.provider);
-    let cost = format_usd(meter.record(&outcome));
-    let shown_model = if served.value.model.is_empty() {
-        served.model.as_str()
-    } else {
-        served.value.model.as_str()
-    };
-    let json = completion_json(
-        &served.value,
-        &completion_id,
-        created,
-        shown_model,
-        Some(&cost),
-    );
-    if let Some(fill) = cache_fill {
-        fill.cache.put_later(
-            fill.key,
-            CachedAnswer {
-                provider: served.provider,
-                model: served.model.clone(),
-                response: served.value.clone(),
-            },
-            fill.ttl,
-        );
-    }
-    let mut response = axum::Json(json).into_response();
-    set_headers(
-        &mut response,
-        served.provider,
-        &served.model,
-        Some(&cost),
-        request_id,
-        arrival.overhead(upstream),
-        CacheStatus::Miss,
-        &admitted.headers,
-    );
-    Ok(response)
+        call,
+        OpenAiDialect {
+            include_usage: parsed.include_usage,
+        },
+    )
+    .await
 }
 
-/// Where a fresh answer is cached.
-struct CacheFill {
-    cache: ResponseCache,
-    key: String,
-    ttl: Duration,
+/// OpenAI's Chat Completions shapes: `chat.completion` JSON and `chat.completion.chunk` SSE.
+struct OpenAiDialect {
+    include_usage: bool,
 }
 
-/// What every answer to a chat request carries.
-struct Reply {
-    completion_id: String,
-    created: i64,
-    request_id: uuid::Uuid,
-    rate_headers: Vec<(&'static str, String)>,
-}
+impl Dialect for OpenAiDialect {
+    type Stream = OpenAiStream;
 
-/// An answer from the cache: the stored completion, as JSON or replayed as a stream; recorded
-/// as a hit that cost nothing.
-fn cached_answer(
-    meter: &Meter,
-    hit: CachedAnswer,
-    parsed: &ChatCompletionsRequest,
-    reply: Reply,
-) -> Response {
-    let overhead = meter.arrival.0.elapsed();
-    if parsed.stream {
-        let chunks = admission::replay_chunks(&hit.response);
-        let stream: ChunkStream = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
-        let body = sse_body(
-            stream,
-            ChunkEncoder::new(
-                reply.completion_id,
-                reply.created,
-                hit.model.clone(),
-                parsed.include_usage,
-            ),
-            StreamContext {
-                meter: meter.clone(),
-                provider: hit.provider,
-                model: hit.model.clone(),
-                fallback_from: None,
-                ttft: meter.arrival.0.elapsed(),
-                input_estimate: 0,
-                cache_hit: true,
-                cache_fill: None,
-            },
-        );
-        let mut response = sse_response(body);
-        set_headers(
-            &mut response,
-            hit.provider,
-            &hit.model,
-            None,
-            reply.request_id,
-            overhead,
-            CacheStatus::Hit,
-            &reply.rate_headers,
-        );
-        return response;
+    fn response_id(&self, request_id: uuid::Uuid) -> String {
+        format!("chatcmpl-{}", request_id.simple())
     }
-    let mut outcome = Outcome::ok(hit.provider, &hit.model, hit.response.usage);
-    outcome.cache_hit = true;
-    let cost = format_usd(meter.record(&outcome));
-    let shown_model = if hit.response.model.is_empty() {
-        hit.model.as_str()
-    } else {
-        hit.response.model.as_str()
-    };
-    let json = completion_json(
-        &hit.response,
-        &reply.completion_id,
-        reply.created,
-        shown_model,
-        Some(&cost),
-    );
-    let mut response = axum::Json(json).into_response();
-    set_headers(
-        &mut response,
-        hit.provider,
-        &hit.model,
-        Some(&cost),
-        reply.request_id,
-        overhead,
-        CacheStatus::Hit,
-        &reply.rate_headers,
-    );
-    response
+
+    fn answer_json(
+        &self,
+        response: &CompletionResponse,
+        id: &str,
+        created: i64,
+        model: &str,
+        cost_usd: &str,
+    ) -> serde_json::Value {
+        completion_json(response, id, created, model, Some(cost_usd))
+    }
+
+    fn stream_encoder(
+        &self,
+        id: String,
+        created: i64,
+        model: String,
+        _input_estimate: u64,
+    ) -> OpenAiStream {
+        OpenAiStream(ChunkEncoder::new(id, created, model, self.include_usage))
+    }
 }
 
-fn sse_response(body: Body) -> Response {
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+/// OpenAI SSE: `data: {chunk}` events, the usage chunk when asked for, `data: [DONE]`.
+struct OpenAiStream(ChunkEncoder);
+
+impl StreamEncoder for OpenAiStream {
+    fn start(&mut self) -> Vec<Bytes> {
+        Vec::new()
+    }
+
+    fn encode(&mut self, chunk: &StreamChunk) -> Vec<Bytes> {
+        self.0.encode(chunk).iter().map(sse_data).collect()
+    }
+
+    fn finish(&mut self, usage: Usage, cost_usd: &str) -> Vec<Bytes> {
+        let mut events: Vec<Bytes> = self
+            .0
+            .finish_usage(usage, Some(cost_usd))
+            .iter()
+            .map(sse_data)
+            .collect();
+        events.push(Bytes::from_static(SSE_DONE));
+        events
+    }
+
+    fn fail(&mut self, error: &ApiError) -> Vec<Bytes> {
+        vec![
+            sse_data(&ChunkEncoder::api_error_event(error)),
+            Bytes::from_static(SSE_DONE),
+        ]
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.0.usage()
+    }
 }
 
 /// Adds `headers` (static names, such as the `x-ratelimit-*` ones) to `response`.
-fn put_headers(response: &mut Response, headers: &[(&'static str, String)]) {
+pub(super) fn put_headers(response: &mut Response, headers: &[(&'static str, String)]) {
     for (name, value) in headers {
         if let Ok(value) = HeaderValue::from_str(value) {
             response
@@ -617,13 +474,15 @@ fn put_headers(response: &mut Response, headers: &[(&'static str, String)]) {
 
 /// Whether the answer came from the response cache (`x-meta-chat-cache`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CacheStatus {
+pub(super) enum CacheStatus {
+    /// Answered from the cache.
     Hit,
+    /// Not from the cache.
     Miss,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn set_headers(
+pub(super) fn set_headers(
     response: &mut Response,
     provider: ProviderKind,
     model: &str,
@@ -660,112 +519,8 @@ fn set_headers(
     );
 }
 
-/// What the end of a stream needs to price and record it.
-struct StreamContext {
-    meter: Meter,
-    provider: ProviderKind,
-    model: String,
-    fallback_from: Option<ProviderKind>,
-    ttft: Duration,
-    input_estimate: u64,
-    /// Replaying a cached answer: recorded as a hit that cost nothing.
-    cache_hit: bool,
-    /// Where to cache the answer once the stream completed.
-    cache_fill: Option<CacheFill>,
-}
-
-impl StreamContext {
-    /// The stream's usage: as the provider reported it, else estimated from the prompt and
-    /// the text sent (flagged).
-    fn outcome(&self, reported: Option<Usage>, output_text: &str) -> Outcome {
-        let (usage, estimated) = match reported {
-            Some(usage) => (usage, false),
-            None => (
-                Usage {
-                    input_tokens: self.input_estimate,
-                    output_tokens: crate::usage::estimate_tokens(output_text),
-                },
-                true,
-            ),
-        };
-        let mut outcome = Outcome::ok(self.provider, &self.model, usage);
-        outcome.estimated = estimated;
-        outcome.ttft = Some(self.ttft);
-        outcome.fallback_from = self.fallback_from;
-        outcome.cache_hit = self.cache_hit;
-        outcome
-    }
-}
-
-/// The SSE body: the encoded chunks, then (when asked) the usage chunk, then `[DONE]`; a
-/// failure mid-stream becomes an error event before `[DONE]`.
-///
-/// The stream's usage is recorded when it ends: completed, failed upstream (what was used, with
-/// status `error`) or abandoned by the client (status `cancelled`; the upstream stream is
-/// dropped, which closes its connection).
-fn sse_body(mut stream: ChunkStream, mut encoder: ChunkEncoder, context: StreamContext) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
-    tokio::spawn(async move {
-        let mut received = StreamAccumulator::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(chunk) => {
-                    received.push(&chunk);
-                    for value in encoder.encode(&chunk) {
-                        if tx.send(sse_data(&value)).await.is_err() {
-                            // The client went away.
-                            let mut outcome = context.outcome(encoder.usage(), received.text());
-                            outcome.status = "cancelled";
-                            context.meter.record(&outcome);
-                            return;
-                        }
-                    }
-                }
-                Err(error) => {
-                    let mut outcome = context.outcome(encoder.usage(), received.text());
-                    outcome.status = "error";
-                    outcome.http_status = error.status().unwrap_or(502);
-                    outcome.error_kind = Some(error.code());
-                    context.meter.record(&outcome);
-                    let failure = llm_error(&error);
-                    let event = ChunkEncoder::api_error_event(&failure.error);
-                    let _ = tx.send(sse_data(&event)).await;
-                    let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
-                    return;
-                }
-            }
-        }
-        let outcome = context.outcome(encoder.usage(), received.text());
-        let cost = format_usd(context.meter.record(&outcome));
-        if let Some(fill) = context.cache_fill {
-            let response = received.into_response(String::new(), &context.model, context.provider);
-            fill.cache.put_later(
-                fill.key,
-                CachedAnswer {
-                    provider: context.provider,
-                    model: context.model.clone(),
-                    response,
-                },
-                fill.ttl,
-            );
-        }
-        if let Some(value) = encoder.finish_usage(outcome.usage, Some(&cost))
-            && tx.send(sse_data(&value)).await.is_err()
-        {
-            return;
-        }
-        let _ = tx.send(Bytes::from_static(SSE_DONE)).await;
-    });
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|bytes| (Ok::<Bytes, Infallible>(bytes), rx))
-    });
-    Body::from_stream(body)
-}
-
 /// Records the failed request (when a provider was reached) and answers with the last error.
-fn exhausted(error: FallbackExhausted, meter: &Meter) -> Failure {
+pub(super) fn exhausted(error: FallbackExhausted, meter: &Meter) -> Failure {
     if let Some(outcome) = Outcome::exhausted(&error) {
         meter.record(&outcome);
     }

@@ -1,0 +1,449 @@
+//! The chat path shared by every ingress dialect (`/v1/chat/completions` in OpenAI's shapes,
+//! `/v1/messages` in Anthropic's): limits, cache, budgets, routing, fallback, usage and cost
+//! are done here once; a [`Dialect`] only writes the answer.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::HeaderValue;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use meta_chat_llm::{
+    ChunkStream, CompletionRequest, CompletionResponse, ProviderKind, StreamAccumulator,
+    StreamChunk, Usage, pricing::format_usd,
+};
+
+use super::AppState;
+use super::admission;
+use super::error::ApiError;
+use super::metering::{self, Meter, Outcome, estimate_input_tokens};
+use super::openai::{
+    Arrival, CacheStatus, Failure, build_chain, exhausted, llm_error, open_settings, set_headers,
+    timed,
+};
+use crate::cache::{CachedAnswer, ResponseCache};
+use crate::routing;
+use crate::store::Tenant;
+
+/// How one API dialect writes answers.
+pub trait Dialect: Send + Sync + 'static {
+    /// Its stream encoding.
+    type Stream: StreamEncoder;
+
+    /// The id of the answer to request `request_id` (`chatcmpl-…`, `msg_…`).
+    fn response_id(&self, request_id: uuid::Uuid) -> String;
+
+    /// A complete answer as JSON, with its cost.
+    fn answer_json(
+        &self,
+        response: &CompletionResponse,
+        id: &str,
+        created: i64,
+        model: &str,
+        cost_usd: &str,
+    ) -> serde_json::Value;
+
+    /// An encoder for one streamed answer.
+    fn stream_encoder(
+        &self,
+        id: String,
+        created: i64,
+        model: String,
+        input_estimate: u64,
+    ) -> Self::Stream;
+}
+
+/// Writes a stream of unified chunks as one dialect's SSE events.
+pub trait StreamEncoder: Send + 'static {
+    /// Events before the first chunk.
+    fn start(&mut self) -> Vec<Bytes>;
+    /// Events for one chunk.
+    fn encode(&mut self, chunk: &StreamChunk) -> Vec<Bytes>;
+    /// The closing events, with the usage and cost.
+    fn finish(&mut self, usage: Usage, cost_usd: &str) -> Vec<Bytes>;
+    /// The events that end a stream that failed.
+    fn fail(&mut self, error: &ApiError) -> Vec<Bytes>;
+    /// The usage the upstream reported in the stream, if it did.
+    fn usage(&self) -> Option<Usage>;
+}
+
+/// A parsed chat request, whatever dialect it came in.
+#[derive(Debug)]
+pub struct ChatCall {
+    /// The calling tenant.
+    pub tenant: Arc<Tenant>,
+    /// `chat` or `messages`, for metrics and usage records.
+    pub endpoint: &'static str,
+    /// The requested model as the client wrote it (routing resolves it).
+    pub model: Option<String>,
+    /// The request in the unified shape.
+    pub request: CompletionRequest,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The conversation, if named.
+    pub conversation_id: Option<String>,
+}
+
+/// Serves a chat request: requests per minute, the cache, tokens per day and budgets, then the
+/// provider chain; the answer is written by `dialect`.
+pub async fn serve<D: Dialect>(
+    state: AppState,
+    arrival: Arrival,
+    call: ChatCall,
+    dialect: D,
+) -> Result<Response, Failure> {
+    let tenant = call.tenant;
+    let request_id = arrival.2;
+    let mut meter = Meter::new(
+        &state,
+        &tenant.id,
+        call.conversation_id,
+        call.endpoint,
+        arrival,
+    );
+    let settings = open_settings(&state, &tenant)?;
+    meter.alert_threshold_nano = metering::alert_threshold_nano(&state, &settings);
+    let limits = admission::tenant_limits(&state, &settings);
+    let cache_ttl = admission::cache_ttl(&settings);
+    let (primary, fallback) =
+        routing::provider_config(&state.config.llm, &settings, call.model.as_deref())?;
+    drop(settings);
+    let reply = Reply {
+        id: dialect.response_id(request_id),
+        created: chrono::Utc::now().timestamp(),
+        request_id,
+    };
+
+    // Requests per minute count every request, cached or not.
+    let rate_headers = state
+        .limits
+        .check_rate(&tenant.id, &limits)
+        .await
+        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
+
+    let cache_key = cache_ttl.map(|_| ResponseCache::key(&tenant.id, &primary, &call.request));
+    if let Some(key) = &cache_key
+        && let Some(hit) = state.cache.get(key).await
+    {
+        state.metrics.record_cache_hit(&tenant.id);
+        return Ok(cached_answer(
+            &meter,
+            hit,
+            call.stream,
+            &dialect,
+            &reply,
+            &rate_headers,
+        ));
+    }
+
+    // Tokens per day and budgets are for requests that will reach a provider.
+    let worst_case = admission::worst_case_cost(
+        &state,
+        std::iter::once(&primary).chain(fallback.iter().map(|(_, config)| config)),
+        &call.request,
+    );
+    let admitted = state
+        .limits
+        .reserve(&tenant.id, &limits, worst_case, rate_headers)
+        .await
+        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
+    meter.settlement = admitted.settlement;
+    let cache_fill = cache_key.zip(cache_ttl).map(|(key, ttl)| CacheFill {
+        cache: state.cache.clone(),
+        key,
+        ttl,
+    });
+
+    let input_estimate = estimate_input_tokens(&call.request);
+    let pending = meter.pending(primary.provider, &primary.model, input_estimate);
+    let chain = build_chain(primary, fallback);
+    let mut upstream = Duration::ZERO;
+
+    if call.stream {
+        let result = timed(&mut upstream, chain.stream_served(&call.request)).await;
+        pending.done();
+        let served = result.map_err(|e| exhausted(e, &meter))?;
+        let encoder = dialect.stream_encoder(
+            reply.id,
+            reply.created,
+            served.model.clone(),
+            input_estimate,
+        );
+        let body = sse_body(
+            served.value,
+            encoder,
+            StreamContext {
+                meter,
+                provider: served.provider,
+                model: served.model.clone(),
+                fallback_from: served.failed.first().map(|f| f.provider),
+                ttft: arrival.0.elapsed(),
+                input_estimate,
+                cache_hit: false,
+                cache_fill,
+            },
+        );
+        let mut response = sse_response(body);
+        set_headers(
+            &mut response,
+            served.provider,
+            &served.model,
+            None,
+            request_id,
+            arrival.overhead(upstream),
+            CacheStatus::Miss,
+            &admitted.headers,
+        );
+        return Ok(response);
+    }
+
+    let result = timed(&mut upstream, chain.complete_served(&call.request)).await;
+    pending.done();
+    let served = result.map_err(|e| exhausted(e, &meter))?;
+    let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
+    outcome.fallback_from = served.failed.first().map(|f| f.provider);
+    let cost = format_usd(meter.record(&outcome));
+    let shown_model = if served.value.model.is_empty() {
+        served.model.as_str()
+    } else {
+        served.value.model.as_str()
+    };
+    let json = dialect.answer_json(&served.value, &reply.id, reply.created, shown_model, &cost);
+    if let Some(fill) = cache_fill {
+        fill.cache.put_later(
+            fill.key,
+            CachedAnswer {
+                provider: served.provider,
+                model: served.model.clone(),
+                response: served.value.clone(),
+            },
+            fill.ttl,
+        );
+    }
+    let mut response = axum::Json(json).into_response();
+    set_headers(
+        &mut response,
+        served.provider,
+        &served.model,
+        Some(&cost),
+        request_id,
+        arrival.overhead(upstream),
+        CacheStatus::Miss,
+        &admitted.headers,
+    );
+    Ok(response)
+}
+
+/// Where a fresh answer is cached.
+struct CacheFill {
+    cache: ResponseCache,
+    key: String,
+    ttl: Duration,
+}
+
+/// What every answer to a chat request carries.
+struct Reply {
+    id: String,
+    created: i64,
+    request_id: uuid::Uuid,
+}
+
+/// An answer from the cache: the stored completion, as JSON or replayed as a stream; recorded
+/// as a hit that cost nothing.
+fn cached_answer<D: Dialect>(
+    meter: &Meter,
+    hit: CachedAnswer,
+    stream: bool,
+    dialect: &D,
+    reply: &Reply,
+    rate_headers: &[(&'static str, String)],
+) -> Response {
+    let overhead = meter.arrival.0.elapsed();
+    if stream {
+        let chunks = admission::replay_chunks(&hit.response);
+        let stream: ChunkStream = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
+        let encoder = dialect.stream_encoder(
+            reply.id.clone(),
+            reply.created,
+            hit.model.clone(),
+            hit.response.usage.input_tokens,
+        );
+        let body = sse_body(
+            stream,
+            encoder,
+            StreamContext {
+                meter: meter.clone(),
+                provider: hit.provider,
+                model: hit.model.clone(),
+                fallback_from: None,
+                ttft: meter.arrival.0.elapsed(),
+                input_estimate: 0,
+                cache_hit: true,
+                cache_fill: None,
+            },
+        );
+        let mut response = sse_response(body);
+        set_headers(
+            &mut response,
+            hit.provider,
+            &hit.model,
+            None,
+            reply.request_id,
+            overhead,
+            CacheStatus::Hit,
+            rate_headers,
+        );
+        return response;
+    }
+    let mut outcome = Outcome::ok(hit.provider, &hit.model, hit.response.usage);
+    outcome.cache_hit = true;
+    let cost = format_usd(meter.record(&outcome));
+    let shown_model = if hit.response.model.is_empty() {
+        hit.model.as_str()
+    } else {
+        hit.response.model.as_str()
+    };
+    let json = dialect.answer_json(&hit.response, &reply.id, reply.created, shown_model, &cost);
+    let mut response = axum::Json(json).into_response();
+    set_headers(
+        &mut response,
+        hit.provider,
+        &hit.model,
+        Some(&cost),
+        reply.request_id,
+        overhead,
+        CacheStatus::Hit,
+        rate_headers,
+    );
+    response
+}
+
+fn sse_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// What the end of a stream needs to price and record it.
+struct StreamContext {
+    meter: Meter,
+    provider: ProviderKind,
+    model: String,
+    fallback_from: Option<ProviderKind>,
+    ttft: Duration,
+    input_estimate: u64,
+    /// Replaying a cached answer: recorded as a hit that cost nothing.
+    cache_hit: bool,
+    /// Where to cache the answer once the stream completed.
+    cache_fill: Option<CacheFill>,
+}
+
+impl StreamContext {
+    /// The stream's usage: as the provider reported it, else estimated from the prompt and
+    /// the text sent (flagged).
+    fn outcome(&self, reported: Option<Usage>, output_text: &str) -> Outcome {
+        let (usage, estimated) = match reported {
+            Some(usage) => (usage, false),
+            None => (
+                Usage {
+                    input_tokens: self.input_estimate,
+                    output_tokens: crate::usage::estimate_tokens(output_text),
+                },
+                true,
+            ),
+        };
+        let mut outcome = Outcome::ok(self.provider, &self.model, usage);
+        outcome.estimated = estimated;
+        outcome.ttft = Some(self.ttft);
+        outcome.fallback_from = self.fallback_from;
+        outcome.cache_hit = self.cache_hit;
+        outcome
+    }
+}
+
+/// The SSE body: the dialect's opening events, one or more events per chunk, then its
+/// closing events with the usage and cost; a failure mid-stream ends it with the dialect's
+/// error events.
+///
+/// The stream's usage is recorded when it ends: completed, failed upstream (what was used,
+/// with status `error`) or abandoned by the client (status `cancelled`; the upstream stream is
+/// dropped, which closes its connection).
+fn sse_body<E: StreamEncoder>(
+    mut stream: ChunkStream,
+    mut encoder: E,
+    context: StreamContext,
+) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    tokio::spawn(async move {
+        let mut received = StreamAccumulator::new();
+        let cancelled = |encoder: &E, received: &StreamAccumulator| {
+            let mut outcome = context.outcome(encoder.usage(), received.text());
+            outcome.status = "cancelled";
+            context.meter.record(&outcome);
+        };
+        for event in encoder.start() {
+            if tx.send(event).await.is_err() {
+                cancelled(&encoder, &received);
+                return;
+            }
+        }
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => {
+                    received.push(&chunk);
+                    for event in encoder.encode(&chunk) {
+                        if tx.send(event).await.is_err() {
+                            // The client went away.
+                            cancelled(&encoder, &received);
+                            return;
+                        }
+                    }
+                }
+                Err(error) => {
+                    let mut outcome = context.outcome(encoder.usage(), received.text());
+                    outcome.status = "error";
+                    outcome.http_status = error.status().unwrap_or(502);
+                    outcome.error_kind = Some(error.code());
+                    context.meter.record(&outcome);
+                    let failure = llm_error(&error);
+                    for event in encoder.fail(failure.error()) {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        let outcome = context.outcome(encoder.usage(), received.text());
+        let cost = format_usd(context.meter.record(&outcome));
+        if let Some(fill) = &context.cache_fill {
+            let response = received.into_response(String::new(), &context.model, context.provider);
+            fill.cache.put_later(
+                fill.key.clone(),
+                CachedAnswer {
+                    provider: context.provider,
+                    model: context.model.clone(),
+                    response,
+                },
+                fill.ttl,
+            );
+        }
+        for event in encoder.finish(outcome.usage, &cost) {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<Bytes, Infallible>(bytes), rx))
+    });
+    Body::from_stream(body)
+}
