@@ -1,6 +1,8 @@
 //! The HTTP API: the router, shared state and the operational endpoints.
 
 pub mod admission;
+pub mod anthropic;
+pub mod anthropic_codec;
 pub mod auth;
 pub mod chat;
 pub mod error;
@@ -61,12 +63,9 @@ pub fn router(state: AppState) -> Router {
         .merge(ops::routes())
         .merge(tenants::routes())
         .merge(usage::routes())
-        .merge(
-            openai::routes().route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                openai::observe,
-            )),
-        )
+        .merge(openai::routes().merge(anthropic::routes()).route_layer(
+            axum::middleware::from_fn_with_state(state.clone(), openai::observe),
+        ))
         .merge(test_llm::routes())
         .fallback(not_found)
         // After every route: it applies to the method routers registered so far.

@@ -93,6 +93,8 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         "/v1/chat/completions" => "chat",
         "/v1/embeddings" => "embeddings",
         "/v1/models" => "models",
+        "/v1/messages" => "messages",
+        "/v1/messages/count_tokens" => "count_tokens",
         _ => "other",
     };
     let arrival = Arrival::now();
@@ -196,7 +198,20 @@ impl Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let mut response = self.error.into_response();
+        let response = self.error.clone().into_response();
+        self.finish(response)
+    }
+}
+
+impl Failure {
+    /// The failure with its body written by `body` (another dialect's envelope), keeping its
+    /// status, `Retry-After` and headers.
+    pub fn into_response_with(self, body: impl Fn(&ApiError) -> serde_json::Value) -> Response {
+        let response = (self.error.status, axum::Json(body(&self.error))).into_response();
+        self.finish(response)
+    }
+
+    fn finish(self, mut response: Response) -> Response {
         if self.reached_provider {
             response.extensions_mut().insert(ProviderReached);
         }
