@@ -54,6 +54,9 @@ pub struct Config {
     pub default_tokens_per_day: Option<u64>,
     /// `CACHE_MAX_BYTES`: the in-process response cache's size.
     pub cache_max_bytes: u64,
+    /// `COOKIE_SECURE`: mark the dashboard's session cookie `Secure` even when the request
+    /// did not say it came over TLS.
+    pub cookie_secure: bool,
 }
 
 impl Config {
@@ -180,6 +183,14 @@ impl Config {
         let default_tokens_per_day = positive("DEFAULT_TOKENS_PER_DAY", "a whole number ≥ 1")?;
         let cache_max_bytes =
             positive("CACHE_MAX_BYTES", "a size in bytes ≥ 1")?.unwrap_or(64 * 1024 * 1024);
+        let cookie_secure = match get("COOKIE_SECURE").as_deref().map(str::trim) {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
+            Some(v) => {
+                return Err(invalid("COOKIE_SECURE", format!("`{v}` is not true or false")));
+            }
+        };
         Ok(Self {
             llm,
             database_url,
@@ -199,6 +210,7 @@ impl Config {
             default_requests_per_minute,
             default_tokens_per_day,
             cache_max_bytes,
+            cookie_secure,
         })
     }
 }

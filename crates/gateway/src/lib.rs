@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod cache;
 pub mod config;
 pub mod crypto;
+pub mod dashboard;
 pub mod limits;
 pub mod metrics;
 pub mod redis_conn;

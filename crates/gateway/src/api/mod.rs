@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
             axum::middleware::from_fn_with_state(state.clone(), openai::observe),
         ))
         .merge(test_llm::routes())
+        .merge(crate::dashboard::routes(state.clone()))
         .fallback(not_found)
         // After every route: it applies to the method routers registered so far.
         .method_not_allowed_fallback(method_not_allowed)

@@ -298,6 +298,23 @@ fn rollup_batch(
     rollup.into_iter().collect()
 }
 
+/// A dashboard session (SPEC §5): who signed in, until when, and the CSRF token its forms carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardSession {
+    /// SHA-256 hex of the cookie's token.
+    pub id_hash: String,
+    /// The tenant signed in, or `None` for the admin.
+    pub tenant_id: Option<String>,
+    /// The token every form of this session must send back.
+    pub csrf_token: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it stops being valid.
+    pub expires_at: DateTime<Utc>,
+    /// When it was revoked (signed out), if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
 /// Rows per multi-row `INSERT` of usage records: 19 values each stays far below both
 /// databases' limit on bound parameters.
 pub const USAGE_INSERT_CHUNK: usize = 500;
@@ -402,6 +419,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         threshold_nano: i64,
         spent_nano: i64,
     ) -> Result<bool, StoreError>;
+
+    /// Stores a new dashboard session (and deletes sessions that expired a day ago or more).
+    async fn create_session(&self, session: &DashboardSession) -> Result<(), StoreError>;
+
+    /// The dashboard session whose token hashes to `id_hash`, revoked or not.
+    async fn session(&self, id_hash: &str) -> Result<Option<DashboardSession>, StoreError>;
+
+    /// Revokes a dashboard session (sign-out). Revoking twice is not an error.
+    async fn revoke_session(&self, id_hash: &str) -> Result<(), StoreError>;
 
     /// The stored hash of the admin API key, if one was set.
     async fn admin_key_hash(&self) -> Result<Option<String>, StoreError>;

@@ -11,7 +11,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::{
-    ADMIN_KEY_HASH, ConversationPage, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
+    ADMIN_KEY_HASH, ConversationPage, DashboardSession, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
     Store, StoreError, TOMBSTONE_LIFETIME, Tenant, UsageDimension, UsageGroup, UsageRecord,
     UsageScope, UsageTotals, db_err, merge_groups, migrator, now, plan_range, rollup_batch,
 };
@@ -31,6 +31,11 @@ const MIGRATIONS: &[EmbeddedMigration] = &[
         3,
         "usage rollups",
         include_str!("../../migrations/postgres/0003_usage_rollups.sql"),
+    ),
+    (
+        4,
+        "dashboard sessions",
+        include_str!("../../migrations/postgres/0004_dashboard_sessions.sql"),
     ),
 ];
 
@@ -555,6 +560,61 @@ impl Store for PostgresStore {
         .map_err(db_err)?;
         let n: i64 = row.try_get("n").map_err(db_err)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn create_session(&self, session: &DashboardSession) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < $1")
+            .bind(now() - chrono::TimeDelta::days(1))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO dashboard_sessions (id_hash, tenant_id, csrf_token, created_at, expires_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, NULL)",
+        )
+        .bind(&session.id_hash)
+        .bind(&session.tenant_id)
+        .bind(&session.csrf_token)
+        .bind(session.created_at)
+        .bind(session.expires_at)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn session(&self, id_hash: &str) -> Result<Option<DashboardSession>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id_hash, tenant_id, csrf_token, created_at, expires_at, revoked_at \
+             FROM dashboard_sessions WHERE id_hash = $1",
+        )
+        .bind(id_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        Ok(Some(DashboardSession {
+            id_hash: row.try_get("id_hash").map_err(db_err)?,
+            tenant_id: row.try_get("tenant_id").map_err(db_err)?,
+            csrf_token: row.try_get("csrf_token").map_err(db_err)?,
+            created_at: row.try_get("created_at").map_err(db_err)?,
+            expires_at: row.try_get("expires_at").map_err(db_err)?,
+            revoked_at: row.try_get("revoked_at").map_err(db_err)?,
+        }))
+    }
+
+    async fn revoke_session(&self, id_hash: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE dashboard_sessions SET revoked_at = $1 WHERE id_hash = $2 AND revoked_at IS NULL",
+        )
+        .bind(now())
+        .bind(id_hash)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(db_err)
     }
 
     async fn admin_key_hash(&self) -> Result<Option<String>, StoreError> {

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    ADMIN_KEY_HASH, ConversationPage, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
+    ADMIN_KEY_HASH, ConversationPage, DashboardSession, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
     Store, StoreError, TOMBSTONE_LIFETIME, Tenant, USAGE_INSERT_CHUNK, UsageDimension, UsageGroup,
     UsageRecord, UsageScope, UsageTotals, db_err, merge_groups, migrator, next_updated_at, now,
     plan_range, rollup_batch,
@@ -36,6 +36,11 @@ const MIGRATIONS: &[EmbeddedMigration] = &[
         3,
         "usage rollups",
         include_str!("../../migrations/sqlite/0003_usage_rollups.sql"),
+    ),
+    (
+        4,
+        "dashboard sessions",
+        include_str!("../../migrations/sqlite/0004_dashboard_sessions.sql"),
     ),
 ];
 
@@ -627,6 +632,63 @@ impl Store for SqliteStore {
         .map_err(db_err)?;
         let n: i64 = row.try_get("n").map_err(db_err)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn create_session(&self, session: &DashboardSession) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < ?1")
+            .bind(format_ts(now() - chrono::TimeDelta::days(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO dashboard_sessions (id_hash, tenant_id, csrf_token, created_at, expires_at, revoked_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+        )
+        .bind(&session.id_hash)
+        .bind(&session.tenant_id)
+        .bind(&session.csrf_token)
+        .bind(format_ts(session.created_at))
+        .bind(format_ts(session.expires_at))
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(db_err)
+    }
+
+    async fn session(&self, id_hash: &str) -> Result<Option<DashboardSession>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id_hash, tenant_id, csrf_token, created_at, expires_at, revoked_at \
+             FROM dashboard_sessions WHERE id_hash = ?1",
+        )
+        .bind(id_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let text = |name: &str| -> Result<String, StoreError> { row.try_get(name).map_err(db_err) };
+        let revoked: Option<String> = row.try_get("revoked_at").map_err(db_err)?;
+        Ok(Some(DashboardSession {
+            id_hash: text("id_hash")?,
+            tenant_id: row.try_get("tenant_id").map_err(db_err)?,
+            csrf_token: text("csrf_token")?,
+            created_at: parse_ts(&text("created_at")?)?,
+            expires_at: parse_ts(&text("expires_at")?)?,
+            revoked_at: revoked.as_deref().map(parse_ts).transpose()?,
+        }))
+    }
+
+    async fn revoke_session(&self, id_hash: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE dashboard_sessions SET revoked_at = ?1 WHERE id_hash = ?2 AND revoked_at IS NULL",
+        )
+        .bind(format_ts(now()))
+        .bind(id_hash)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(db_err)
     }
 
     async fn admin_key_hash(&self) -> Result<Option<String>, StoreError> {
