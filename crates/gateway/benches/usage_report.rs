@@ -4,7 +4,9 @@
 //! 100) over 91 days through `Store::insert_usage` in batches of 1,000 (as the usage writer
 //! does, rollups included) and reports records per second; then times reports: a tenant's
 //! month with a daily series and the model breakdown (the target: under 50 ms), the same with
-//! partial days at both edges, by conversation, and across tenants.
+//! partial days at both edges, by conversation, and across tenants; then times the dashboard's
+//! analytics page (`dashboard::analytics::content`: every query of the page, its SVG charts and
+//! its HTML) for a tenant and across tenants (the target: under 200 ms).
 //!
 //! ```text
 //! cargo bench -p meta-chat --bench usage_report
@@ -21,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use meta_chat::analytics::{self, ReportParams};
-use meta_chat::store::{Store, UsageRecord, connect_store};
+use meta_chat::dashboard::analytics::{Subject, content};
+use meta_chat::store::{Store, UsageRecord, UsageScope, connect_store};
 
 const MODELS: &[(&str, &str, i64, i64)] = &[
     // provider, model, nano-USD per input token, per output token
@@ -162,14 +165,28 @@ async fn time_report(
         );
         times.push(started.elapsed());
     }
+    (timing(times), report.unwrap_or_else(|| panic!("no report")))
+}
+
+fn timing(mut times: Vec<Duration>) -> Timing {
     times.sort();
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    let timing = Timing {
+    Timing {
         median: at(0.5),
         p95: at(0.95),
         max: at(1.0),
+    }
+}
+
+/// September 2026 (30 days), as `[from, to)`.
+fn september() -> (DateTime<Utc>, DateTime<Utc>) {
+    let day = |d: u32| {
+        NaiveDate::from_ymd_opt(2026, d / 100, d % 100)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|d| d.and_utc())
+            .unwrap_or_default()
     };
-    (timing, report.unwrap_or_else(|| panic!("no report")))
+    (day(901), day(1001))
 }
 
 /// A report to time: its label, whether it is for one tenant, its query parameters.
@@ -236,6 +253,16 @@ async fn run(name: &str, store: Arc<dyn Store>, options: &Options) {
                 ("groupBy", "tenant"),
             ],
         ),
+        (
+            "all tenants month, conversations 1-20",
+            false,
+            &[
+                ("from", "2026-09-01"),
+                ("to", "2026-09-30"),
+                ("groupBy", "conversation"),
+                ("limit", "20"),
+            ],
+        ),
     ];
     println!(
         "{:<46} {:>10} {:>10} {:>10} {:>9}",
@@ -255,6 +282,143 @@ async fn run(name: &str, store: Arc<dyn Store>, options: &Options) {
             timing.p95.as_secs_f64() * 1e3,
             timing.max.as_secs_f64() * 1e3,
             report.totals.requests
+        );
+    }
+    for (label, scope_tenant) in [
+        (
+            "latency p50/p95 per provider, tenant month",
+            Some(tenant.as_str()),
+        ),
+        ("latency p50/p95 per provider, all tenants month", None),
+    ] {
+        let scope = UsageScope {
+            tenant_id: scope_tenant,
+            from: september().0,
+            to: september().1,
+        };
+        let mut times = Vec::with_capacity(options.iterations);
+        let mut requests = 0;
+        for i in 0..options.iterations + 2 {
+            let started = Instant::now();
+            let latency = store
+                .provider_latency(&scope)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            if i >= 2 {
+                times.push(started.elapsed());
+            }
+            requests = latency.iter().map(|p| p.requests).sum::<i64>();
+        }
+        let timing = timing(times);
+        println!(
+            "{label:<46} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>9}",
+            timing.median.as_secs_f64() * 1e3,
+            timing.p95.as_secs_f64() * 1e3,
+            timing.max.as_secs_f64() * 1e3,
+            requests
+        );
+    }
+    time_pages(store.as_ref(), &tenant, options).await;
+}
+
+/// A dashboard analytics page to time: its label, for one tenant (or across tenants), its
+/// query string's pairs.
+type PageCase<'a> = (&'a str, bool, &'a [(&'a str, &'a str)]);
+
+/// Times the analytics page's server work (`dashboard::analytics::content`: the reports, the
+/// latency percentiles, the SVG charts and the HTML) the way `GET
+/// /dashboard/tenants/{id}/analytics` and `GET /dashboard/analytics` do it.
+async fn time_pages(store: &dyn Store, tenant: &str, options: &Options) {
+    let cases: &[PageCase] = &[
+        (
+            "page: tenant month, by day",
+            true,
+            &[
+                ("from", "2026-09-01"),
+                ("to", "2026-09-30"),
+                ("granularity", "day"),
+            ],
+        ),
+        (
+            "page: tenant month, by day, conversations p.3",
+            true,
+            &[
+                ("from", "2026-09-01"),
+                ("to", "2026-09-30"),
+                ("granularity", "day"),
+                ("page", "3"),
+            ],
+        ),
+        (
+            "page: tenant 91 days, by week",
+            true,
+            &[
+                ("from", "2026-08-01"),
+                ("to", "2026-10-30"),
+                ("granularity", "week"),
+            ],
+        ),
+        (
+            "page: all tenants month, by day",
+            false,
+            &[
+                ("from", "2026-09-01"),
+                ("to", "2026-09-30"),
+                ("granularity", "day"),
+            ],
+        ),
+        (
+            "page: all tenants 91 days, by month",
+            false,
+            &[
+                ("from", "2026-08-01"),
+                ("to", "2026-10-30"),
+                ("granularity", "month"),
+            ],
+        ),
+    ];
+    let iterations = options.iterations.min(20);
+    println!(
+        "{:<46} {:>10} {:>10} {:>10} {:>9}",
+        "analytics page (server work)", "median", "p95", "max", "KiB"
+    );
+    for (label, for_tenant, pairs) in cases {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let subject = if *for_tenant {
+            Subject::Tenant {
+                id: tenant,
+                name: tenant,
+            }
+        } else {
+            Subject::All
+        };
+        let render = || async {
+            let (status, body) = content(store, subject, Ok(pairs.clone()), Utc::now())
+                .await
+                .unwrap_or_else(|e| panic!("{label}: {e:?}"));
+            assert_eq!(status.as_u16(), 200, "{label}");
+            body.into_string()
+        };
+        let mut html = String::new();
+        for _ in 0..2 {
+            html = render().await;
+        }
+        let mut times = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let started = Instant::now();
+            html = render().await;
+            times.push(started.elapsed());
+        }
+        let timing = timing(times);
+        println!(
+            "{label:<46} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>9.0}",
+            timing.median.as_secs_f64() * 1e3,
+            timing.p95.as_secs_f64() * 1e3,
+            timing.max.as_secs_f64() * 1e3,
+            html.len() as f64 / 1024.0
         );
     }
 }

@@ -188,7 +188,10 @@ impl Config {
             Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
             Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
             Some(v) => {
-                return Err(invalid("COOKIE_SECURE", format!("`{v}` is not true or false")));
+                return Err(invalid(
+                    "COOKIE_SECURE",
+                    format!("`{v}` is not true or false"),
+                ));
             }
         };
         Ok(Self {

@@ -1,13 +1,15 @@
 //! `POST /api/test/llm` (SPEC §4.3): one prompt to one provider, answered with the reply,
 //! latency, tokens and cost — the design's provider test, for the dashboard's "Send test
-//! prompt" button and for operators.
+//! prompt" button ([`test_prompt`], shared with the dashboard) and for operators.
 
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use meta_chat_llm::{CompletionRequest, Message, ProviderConfig, ProviderKind, create_provider};
+use meta_chat_llm::{
+    CompletionRequest, Cost, Message, ProviderConfig, ProviderKind, Usage, create_provider,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -17,38 +19,89 @@ use super::json::JsonBody;
 use super::metering::{Meter, Outcome};
 use super::openai::{Arrival, Failure, llm_error};
 use crate::routing;
+use crate::store::Tenant;
 
 /// The routes of this module.
 pub fn routes() -> Router<AppState> {
     Router::new().route("/api/test/llm", post(test_llm))
 }
 
-#[derive(Debug, Deserialize)]
+/// The prompt used when none is given.
+pub const DEFAULT_PROMPT: &str = "What is 2+2?";
+
+/// What to test: the body of `POST /api/test/llm`.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TestRequest {
+pub struct TestRequest {
     /// The provider; the caller's default when absent.
     #[serde(default)]
-    provider: Option<ProviderKind>,
-    /// The prompt; "What is 2+2?" when absent.
+    pub provider: Option<ProviderKind>,
+    /// The prompt; [`DEFAULT_PROMPT`] when absent or blank.
     #[serde(default)]
-    prompt: Option<String>,
+    pub prompt: Option<String>,
     /// The model; the provider's configured one when absent.
     #[serde(default)]
-    model: Option<String>,
+    pub model: Option<String>,
 }
 
-/// A tenant's call goes through its own settings (its key for its own provider, the system
-/// key for others); the admin's through the system configuration.
+/// The answer to a test prompt.
+#[derive(Debug, Clone)]
+pub struct TestAnswer {
+    /// The provider that answered.
+    pub provider: ProviderKind,
+    /// The model that answered, as the upstream named it.
+    pub model: String,
+    /// The reply's text.
+    pub content: String,
+    /// How long the provider took.
+    pub latency_ms: u64,
+    /// Tokens used.
+    pub usage: Usage,
+    /// What the call cost.
+    pub cost: Cost,
+}
+
+impl TestAnswer {
+    /// The JSON answer of `POST /api/test/llm`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "provider": self.provider,
+            "model": self.model,
+            "content": self.content,
+            "latencyMs": self.latency_ms,
+            "usage": {
+                "inputTokens": self.usage.input_tokens,
+                "outputTokens": self.usage.output_tokens,
+            },
+            "costUsd": self.cost.usd_string(),
+            "priced": self.cost.priced,
+        })
+    }
+}
+
 async fn test_llm(
     State(state): State<AppState>,
     arrival: Arrival,
     caller: Caller,
     JsonBody(request): JsonBody<TestRequest>,
 ) -> Result<axum::Json<Value>, Failure> {
+    let answer = test_prompt(&state, caller.tenant(), request, arrival).await?;
+    Ok(axum::Json(answer.to_json()))
+}
+
+/// Sends one test prompt. A `tenant`'s call goes through its own settings (its key for its
+/// own provider, the system key for others) and is billed to it like any other call; with no
+/// tenant (the admin) it goes through the system configuration.
+pub async fn test_prompt(
+    state: &AppState,
+    tenant: Option<&Tenant>,
+    request: TestRequest,
+    arrival: Arrival,
+) -> Result<TestAnswer, Failure> {
     let env = &state.config.llm;
     let mut alert_threshold_nano = None;
-    let config = match &caller {
-        Caller::Tenant(tenant) => {
+    let config = match tenant {
+        Some(tenant) => {
             let settings = state.tenants.open(tenant).map_err(|error| {
                 tracing::error!(tenant = %tenant.id, %error, "cannot open the tenant's settings");
                 super::error::ApiError::new(
@@ -69,10 +122,10 @@ async fn test_llm(
                 }
                 (_, model) => model.clone(),
             };
-            alert_threshold_nano = super::metering::alert_threshold_nano(&state, &settings);
+            alert_threshold_nano = super::metering::alert_threshold_nano(state, &settings);
             routing::provider_config(env, &settings, spec.as_deref())?.0
         }
-        Caller::Admin => {
+        None => {
             let provider = request.provider.unwrap_or(env.default_provider);
             let mut config: ProviderConfig = env.config(provider).clone();
             if let Some(model) = &request.model {
@@ -82,7 +135,7 @@ async fn test_llm(
         }
     };
     // A tenant's test prompt is billed like any other call; the admin's has no tenant.
-    let meter = caller.tenant().map(|tenant| Meter {
+    let meter = tenant.map(|tenant| Meter {
         state: state.clone(),
         tenant_id: tenant.id.clone(),
         conversation_id: None,
@@ -97,7 +150,7 @@ async fn test_llm(
     let prompt = request
         .prompt
         .filter(|p| !p.trim().is_empty())
-        .unwrap_or_else(|| "What is 2+2?".to_owned());
+        .unwrap_or_else(|| DEFAULT_PROMPT.to_owned());
     let started = Instant::now();
     let response = match provider
         .complete(&CompletionRequest::new(vec![Message::user(prompt)]))
@@ -114,20 +167,16 @@ async fn test_llm(
     if let Some(meter) = &meter {
         meter.record(&Outcome::ok(provider_kind, &model, response.usage));
     }
-    let latency_ms = started.elapsed().as_millis() as u64;
+    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let cost = env
         .prices
         .cost(response.provider, &response.model, response.usage);
-    Ok(axum::Json(json!({
-        "provider": response.provider,
-        "model": response.model,
-        "content": response.message.content,
-        "latencyMs": latency_ms,
-        "usage": {
-            "inputTokens": response.usage.input_tokens,
-            "outputTokens": response.usage.output_tokens,
-        },
-        "costUsd": cost.usd_string(),
-        "priced": cost.priced,
-    })))
+    Ok(TestAnswer {
+        provider: response.provider,
+        model: response.model,
+        content: response.message.content,
+        latency_ms,
+        usage: response.usage,
+        cost,
+    })
 }

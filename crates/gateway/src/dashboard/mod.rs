@@ -52,7 +52,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/dashboard/style.css", get(stylesheet))
         .merge(tenants::routes())
         .merge(analytics::routes())
-        .layer(axum::middleware::from_fn_with_state(state, security_headers))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            security_headers,
+        ))
 }
 
 /// Who is signed in, from the session cookie.
@@ -333,7 +336,10 @@ async fn login(
         tracing::warn!(%error, "cannot store a dashboard session");
         return PageError::Unavailable.into_response();
     }
-    tracing::info!(tenant = session.tenant_id.as_deref().unwrap_or("admin"), "dashboard sign-in");
+    tracing::info!(
+        tenant = session.tenant_id.as_deref().unwrap_or("admin"),
+        "dashboard sign-in"
+    );
     let secure = state.config.cookie_secure
         || headers
             .get("x-forwarded-proto")
@@ -372,7 +378,9 @@ async fn logout(
     let mut response = redirect("/dashboard/login");
     response.headers_mut().insert(
         SET_COOKIE,
-        HeaderValue::from_static("mc_session=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_static(
+            "mc_session=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
     );
     Ok(response)
 }
@@ -383,8 +391,14 @@ const STYLE: &str = include_str!("style.css");
 async fn stylesheet() -> Response {
     (
         [
-            (CONTENT_TYPE, HeaderValue::from_static("text/css; charset=utf-8")),
-            (CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600")),
+            (
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/css; charset=utf-8"),
+            ),
+            (
+                CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=3600"),
+            ),
         ],
         STYLE,
     )
@@ -396,7 +410,10 @@ async fn security_headers(State(_): State<AppState>, request: Request, next: Nex
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
     let mut put = |name: &'static str, value: &'static str| {
-        headers.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
     };
     put(
         "content-security-policy",

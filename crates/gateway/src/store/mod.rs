@@ -232,6 +232,23 @@ pub struct ConversationPage {
     pub total: u64,
 }
 
+/// Latency and errors of one provider over a usage scope ([`Store::provider_latency`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderLatency {
+    /// The provider (`openai`, `anthropic`, `ollama`).
+    pub provider: String,
+    /// Its requests in the scope, cache hits included.
+    pub requests: i64,
+    /// Of those, the failed ones (`status = 'error'`).
+    pub errors: i64,
+    /// The median latency in milliseconds of its requests that were not cache hits, by the
+    /// nearest-rank definition (the value at rank ⌈0.5·n⌉ in ascending order); `None` when every
+    /// request was a cache hit.
+    pub p50_ms: Option<i64>,
+    /// The 95th percentile, the value at rank ⌈0.95·n⌉.
+    pub p95_ms: Option<i64>,
+}
+
 /// One part of a usage range: whole UTC days read from the day rollups, or an edge read from
 /// the records themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,6 +422,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: u32,
         offset: u64,
     ) -> Result<ConversationPage, StoreError>;
+
+    /// Requests, errors and latency percentiles (p50, p95: nearest rank, cache hits left out of
+    /// the latencies) per provider of the records in `scope`, sorted by provider. Reads the
+    /// records themselves (the rollups keep no latencies).
+    async fn provider_latency(
+        &self,
+        scope: &UsageScope<'_>,
+    ) -> Result<Vec<ProviderLatency>, StoreError>;
 
     /// A tenant's cost on one UTC day so far, in nano-dollars, from the day rollups.
     async fn day_cost(&self, tenant_id: &str, day: NaiveDate) -> Result<i64, StoreError>;

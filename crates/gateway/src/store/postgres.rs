@@ -11,9 +11,10 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::{
-    ADMIN_KEY_HASH, ConversationPage, DashboardSession, ConversationUsage, EmbeddedMigration, NewTenant, RangePart,
-    Store, StoreError, TOMBSTONE_LIFETIME, Tenant, UsageDimension, UsageGroup, UsageRecord,
-    UsageScope, UsageTotals, db_err, merge_groups, migrator, now, plan_range, rollup_batch,
+    ADMIN_KEY_HASH, ConversationPage, ConversationUsage, DashboardSession, EmbeddedMigration,
+    NewTenant, ProviderLatency, RangePart, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
+    UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals, db_err, merge_groups,
+    migrator, now, plan_range, rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -439,7 +440,7 @@ impl Store for PostgresStore {
         };
         let sql = format!(
             "SELECT tenant_id, conversation_id, {RECORD_SUMS}, MIN(created_at) AS first_at, \
-             MAX(created_at) AS last_at FROM usage_records \
+             MAX(created_at) AS last_at, COUNT(*) OVER () AS conversations FROM usage_records \
              WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
              GROUP BY tenant_id, conversation_id \
              ORDER BY SUM(cost_nano_usd) DESC, COUNT(*) DESC, tenant_id COLLATE \"C\", \
@@ -467,28 +468,80 @@ impl Store for PostgresStore {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        // Every row carries how many conversations there are (a window over the groups, so
+        // they are grouped once); only a page past the end, without rows, counts them apart.
+        let total: i64 = match rows.first() {
+            Some(row) => row.try_get("conversations").map_err(db_err)?,
+            None if offset == 0 => 0,
+            None => {
+                let tenant_filter = if scope.tenant_id.is_some() {
+                    " AND tenant_id = $3"
+                } else {
+                    ""
+                };
+                let count = format!(
+                    "SELECT COUNT(*) AS n FROM (SELECT 1 FROM usage_records \
+                     WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
+                     GROUP BY tenant_id, conversation_id) AS conversations"
+                );
+                let mut count = sqlx::query(sqlx::AssertSqlSafe(count))
+                    .bind(scope.from)
+                    .bind(scope.to);
+                if let Some(tenant) = scope.tenant_id {
+                    count = count.bind(tenant);
+                }
+                let row = count.fetch_one(&self.pool).await.map_err(db_err)?;
+                row.try_get("n").map_err(db_err)?
+            }
+        };
+        Ok(ConversationPage {
+            conversations,
+            total: u64::try_from(total).unwrap_or(0),
+        })
+    }
+
+    async fn provider_latency(
+        &self,
+        scope: &UsageScope<'_>,
+    ) -> Result<Vec<ProviderLatency>, StoreError> {
+        // `percentile_disc(p)` is the value at rank ⌈p·n⌉: the nearest-rank definition the
+        // SQLite store computes by hand.
         let tenant_filter = if scope.tenant_id.is_some() {
             " AND tenant_id = $3"
         } else {
             ""
         };
-        let count = format!(
-            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM usage_records \
-             WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
-             GROUP BY tenant_id, conversation_id) AS conversations"
+        let sql = format!(
+            "SELECT provider, COUNT(*) AS requests, \
+             COUNT(*) FILTER (WHERE status = 'error') AS errors, \
+             percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms) \
+             FILTER (WHERE NOT cache_hit) AS p50_ms, \
+             percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) \
+             FILTER (WHERE NOT cache_hit) AS p95_ms \
+             FROM usage_records WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
+             GROUP BY provider"
         );
-        let mut count = sqlx::query(sqlx::AssertSqlSafe(count))
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(scope.from)
             .bind(scope.to);
         if let Some(tenant) = scope.tenant_id {
-            count = count.bind(tenant);
+            query = query.bind(tenant);
         }
-        let row = count.fetch_one(&self.pool).await.map_err(db_err)?;
-        let total: i64 = row.try_get("n").map_err(db_err)?;
-        Ok(ConversationPage {
-            conversations,
-            total: u64::try_from(total).unwrap_or(0),
-        })
+        let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+        let mut latencies = rows
+            .iter()
+            .map(|row| {
+                Ok(ProviderLatency {
+                    provider: row.try_get("provider").map_err(db_err)?,
+                    requests: row.try_get("requests").map_err(db_err)?,
+                    errors: row.try_get("errors").map_err(db_err)?,
+                    p50_ms: row.try_get("p50_ms").map_err(db_err)?,
+                    p95_ms: row.try_get("p95_ms").map_err(db_err)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        latencies.sort_by(|a, b| a.provider.cmp(&b.provider));
+        Ok(latencies)
     }
 
     async fn day_cost(&self, tenant_id: &str, day: NaiveDate) -> Result<i64, StoreError> {
