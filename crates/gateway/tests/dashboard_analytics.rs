@@ -551,6 +551,8 @@ async fn conversations_are_paged_in_the_apis_order() {
     let html = page(&gw, &admin, &format!("{base}?page=9")).await;
     assert_eq!(html.status, 200);
     assert!(html.text.contains("No conversations on this page."));
+    assert!(html.text.contains("Page 9 of 3"), "{}", html.text);
+    assert!(html.text.contains("45 conversations in the period"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
