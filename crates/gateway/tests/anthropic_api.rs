@@ -15,7 +15,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::usage::{Db, haiku_cost, mini_cost, on_sqlite_and_postgres, usd, wait_for_records};
-use common::{ADMIN_KEY, Answer, Gateway, TENANT_ANTHROPIC_KEY};
+use common::{ADMIN_KEY, Answer, Backend, Gateway, TENANT_ANTHROPIC_KEY, in_process_and_on_redis};
 use meta_chat::api::anthropic_codec::parse_messages_request;
 use meta_chat::cache::ResponseCache;
 use meta_chat::settings::TenantSettings;
@@ -1357,36 +1357,6 @@ async fn an_anthropic_upstream_receives_fields_the_unified_request_does_not_mode
 // ---------------------------------------------------------------------------------------------
 // 9. Limits, cache and fallback on this endpoint.
 
-/// Variables choosing where limits and the cache live: none (in process), or Redis and a key
-/// prefix.
-type Backend<'a> = &'a [(&'a str, &'a str)];
-
-/// Two tests of `$body` (an `async fn(Backend)`): `$memory` in process, `$redis` on Redis
-/// (passing, with a printed reason, when `TEST_REDIS_URL` is not set and `REQUIRE_SERVICES` is
-/// not `1`).
-macro_rules! in_process_and_on_redis {
-    ($body:ident: $memory:ident, $redis:ident) => {
-        #[tokio::test]
-        async fn $memory() {
-            $body(&[]).await;
-        }
-
-        #[tokio::test]
-        async fn $redis() {
-            let Some(url) = common::test_redis_url() else {
-                return;
-            };
-            let prefix = common::redis_prefix(stringify!($redis));
-            $body(&[
-                ("REDIS_URL", url.as_str()),
-                ("REDIS_KEY_PREFIX", prefix.as_str()),
-                ("REDIS_TIMEOUT_MS", "5000"),
-            ])
-            .await;
-        }
-    };
-}
-
 /// A gateway on `backend` (asserted).
 async fn on_backend(backend: Backend<'_>) -> Gateway {
     let gw = Gateway::start_with(backend).await;
@@ -1424,7 +1394,8 @@ async fn the_rate_limit_refuses_in_anthropics_envelope(backend: Backend<'_>) {
 in_process_and_on_redis! {
     the_rate_limit_refuses_in_anthropics_envelope:
         the_rate_limit_refuses_in_anthropics_envelope_in_process,
-        the_rate_limit_refuses_in_anthropics_envelope_on_redis
+        the_rate_limit_refuses_in_anthropics_envelope_on_redis,
+        "REDIS_TIMEOUT_MS" = "5000"
 }
 
 async fn an_identical_request_is_answered_from_the_cache(backend: Backend<'_>) {
@@ -1486,7 +1457,8 @@ async fn an_identical_request_is_answered_from_the_cache(backend: Backend<'_>) {
 in_process_and_on_redis! {
     an_identical_request_is_answered_from_the_cache:
         an_identical_request_is_answered_from_the_cache_in_process,
-        an_identical_request_is_answered_from_the_cache_on_redis
+        an_identical_request_is_answered_from_the_cache_on_redis,
+        "REDIS_TIMEOUT_MS" = "5000"
 }
 
 #[tokio::test]

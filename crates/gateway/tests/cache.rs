@@ -22,7 +22,7 @@ use common::usage::{
     mini_cost, stream_events, stream_with_usage, streamed_text, usd, wait_for_records,
     weather_reply, weather_request,
 };
-use common::{Answer, Gateway, hello};
+use common::{Answer, Backend, Gateway, hello, in_process_and_on_redis};
 use meta_chat::api::openai_codec::parse_chat_request;
 use meta_chat::cache::{CachedAnswer, ResponseCache};
 use meta_chat::settings::TenantSettings;
@@ -35,34 +35,6 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 /// The cost of an answer from the cache, as the gateway writes it.
 const FREE: &str = "0.000000000";
-
-/// Variables choosing the cache's backend: none (in process), or Redis and a key prefix.
-type Backend<'a> = &'a [(&'a str, &'a str)];
-
-/// Two tests of `$body` (an `async fn(Backend)`): `$memory` with the in-process cache,
-/// `$redis` with Redis (passing, with a printed reason, when `TEST_REDIS_URL` is not set and
-/// `REQUIRE_SERVICES` is not `1`).
-macro_rules! on_both_backends {
-    ($body:ident: $memory:ident, $redis:ident) => {
-        #[tokio::test]
-        async fn $memory() {
-            $body(&[]).await;
-        }
-
-        #[tokio::test]
-        async fn $redis() {
-            let Some(url) = common::test_redis_url() else {
-                return;
-            };
-            let prefix = common::redis_prefix(stringify!($redis));
-            $body(&[
-                ("REDIS_URL", url.as_str()),
-                ("REDIS_KEY_PREFIX", prefix.as_str()),
-            ])
-            .await;
-        }
-    };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -252,7 +224,7 @@ async fn metric(gw: &Gateway, series: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------------------------
 // Hits.
 
-on_both_backends!(repeated_request_hits: repeated_request_hits_in_memory, repeated_request_hits_in_redis);
+in_process_and_on_redis!(repeated_request_hits: repeated_request_hits_in_memory, repeated_request_hits_in_redis);
 
 async fn repeated_request_hits(backend: Backend<'_>) {
     let gw = start(backend, &[]).await;
@@ -375,7 +347,7 @@ async fn chat_raw(gw: &Gateway, key: &str, body: &str) -> Answer {
     .await
 }
 
-on_both_backends!(the_key_is_the_parsed_request: the_key_is_the_parsed_request_in_memory, the_key_is_the_parsed_request_in_redis);
+in_process_and_on_redis!(the_key_is_the_parsed_request: the_key_is_the_parsed_request_in_memory, the_key_is_the_parsed_request_in_redis);
 
 async fn the_key_is_the_parsed_request(backend: Backend<'_>) {
     let gw = start(backend, &[]).await;
@@ -489,7 +461,7 @@ async fn the_key_is_the_parsed_request(backend: Backend<'_>) {
     assert_eq!(upstream_chats(&gw), upstream);
 }
 
-on_both_backends!(other_tenants_miss: other_tenants_miss_in_memory, other_tenants_miss_in_redis);
+in_process_and_on_redis!(other_tenants_miss: other_tenants_miss_in_memory, other_tenants_miss_in_redis);
 
 async fn other_tenants_miss(backend: Backend<'_>) {
     let gw = start(backend, &[]).await;
@@ -551,7 +523,7 @@ async fn other_tenants_miss(backend: Backend<'_>) {
 // ---------------------------------------------------------------------------------------------
 // Expiry.
 
-on_both_backends!(entries_expire_after_their_ttl: entries_expire_after_their_ttl_in_memory, entries_expire_after_their_ttl_in_redis);
+in_process_and_on_redis!(entries_expire_after_their_ttl: entries_expire_after_their_ttl_in_memory, entries_expire_after_their_ttl_in_redis);
 
 async fn entries_expire_after_their_ttl(backend: Backend<'_>) {
     let gw = start(backend, &[]).await;
@@ -578,7 +550,7 @@ async fn entries_expire_after_their_ttl(backend: Backend<'_>) {
 // ---------------------------------------------------------------------------------------------
 // Streams.
 
-on_both_backends!(streams_are_cached_and_replayed: streams_are_cached_and_replayed_in_memory, streams_are_cached_and_replayed_in_redis);
+in_process_and_on_redis!(streams_are_cached_and_replayed: streams_are_cached_and_replayed_in_memory, streams_are_cached_and_replayed_in_redis);
 
 async fn streams_are_cached_and_replayed(backend: Backend<'_>) {
     let gw = start(backend, &[]).await;
@@ -659,7 +631,7 @@ async fn streams_are_cached_and_replayed(backend: Backend<'_>) {
     assert_eq!(costs, [mini_cost(5, 6), mini_cost(9, 8)]);
 }
 
-on_both_backends!(tool_calls_replay_unchanged: tool_calls_replay_unchanged_in_memory, tool_calls_replay_unchanged_in_redis);
+in_process_and_on_redis!(tool_calls_replay_unchanged: tool_calls_replay_unchanged_in_memory, tool_calls_replay_unchanged_in_redis);
 
 async fn tool_calls_replay_unchanged(backend: Backend<'_>) {
     let gw = start(backend, &[]).await;
@@ -724,7 +696,7 @@ async fn tool_calls_replay_unchanged(backend: Backend<'_>) {
 // ---------------------------------------------------------------------------------------------
 // Failures.
 
-on_both_backends!(failures_are_not_cached: failures_are_not_cached_in_memory, failures_are_not_cached_in_redis);
+in_process_and_on_redis!(failures_are_not_cached: failures_are_not_cached_in_memory, failures_are_not_cached_in_redis);
 
 async fn failures_are_not_cached(backend: Backend<'_>) {
     let gw = start(backend, &[]).await;

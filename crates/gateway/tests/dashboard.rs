@@ -12,19 +12,12 @@ mod common;
 
 use chrono::{TimeDelta, Utc};
 use common::{
-    ADMIN_KEY, Answer, Gateway, TENANT_ANTHROPIC_KEY, TENANT_OPENAI_KEY, hello, usage::chat_record,
+    ADMIN_KEY, Answer, Gateway, TENANT_ANTHROPIC_KEY, TENANT_OPENAI_KEY, dashboard::client, hello,
+    usage::chat_record,
 };
 use meta_chat::store::DashboardSession;
 use meta_chat_testkit::Reply;
 use serde_json::{Value, json};
-
-/// A client that follows no redirects and keeps no cookies.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
 
 /// `application/x-www-form-urlencoded` of `fields`.
 fn form_body(fields: &[(&str, &str)]) -> String {

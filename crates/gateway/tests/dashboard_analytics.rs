@@ -20,63 +20,18 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use common::dashboard::{api, dollars, page, sign_in, thousands};
 use common::usage::{
     Db, chat_record, conversation, embedding_small_cost, embeddings_request, haiku_cost, mini_cost,
     mini_settings, on_sqlite_and_postgres, post, usd, wait_for_records,
 };
-use common::{ADMIN_KEY, Answer, Gateway, hello};
+use common::{ADMIN_KEY, Gateway, hello};
 use meta_chat::store::{ProviderLatency, Store, UsageRecord, UsageScope};
 use meta_chat_testkit::Reply;
-use serde_json::{Value, json};
+use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------
-// Signing in and reading pages.
-
-/// Signs in with `key` (`POST /dashboard/login`) and returns the `Cookie` header to send.
-async fn sign_in(gw: &Gateway, key: &str) -> String {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let response = client
-        .post(gw.url("/dashboard/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("key={key}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 303);
-    let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
-    let pair = set_cookie.split(';').next().unwrap().trim();
-    assert!(pair.starts_with("mc_session="), "{set_cookie}");
-    pair.to_owned()
-}
-
-/// A dashboard page read with `cookie`, redirects not followed.
-async fn page(gw: &Gateway, cookie: &str, path: &str) -> Answer {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    Answer::read(
-        client
-            .get(gw.url(path))
-            .header("cookie", cookie)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
-
-/// A usage report from the API, as the admin.
-async fn api(gw: &Gateway, path: &str) -> Value {
-    let answer = gw
-        .send(reqwest::Method::GET, path, Some(ADMIN_KEY), None)
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.text);
-    answer.json()
-}
+// Reading pages.
 
 /// The text from `start` (included) to the first `end` after it (included).
 fn between<'a>(html: &'a str, start: &str, end: &str) -> &'a str {
@@ -142,26 +97,6 @@ fn strip_tags(html: &str) -> String {
         }
     }
     out
-}
-
-/// `1234567` as the page writes it: `1,234,567`.
-fn thousands(n: i64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// A USD string as the page writes it: without trailing zeros beyond the cents, with `$`.
-fn dollars(cost_usd: &str) -> String {
-    let (whole, fraction) = cost_usd.split_once('.').unwrap();
-    let fraction = fraction.trim_end_matches('0');
-    format!("${whole}.{fraction:0<2}")
 }
 
 // ---------------------------------------------------------------------------------------------

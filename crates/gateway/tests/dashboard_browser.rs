@@ -27,11 +27,12 @@ use std::time::Duration;
 
 use browser::Browser;
 use chrono::{TimeDelta, Utc};
+use common::dashboard::{api, dollars, page as fetch, thousands};
 use common::usage::{
     Db, Sum, chat_record, conversation, embedding_small_cost, embeddings_request, haiku_cost,
     mini_cost, mini_settings, on_sqlite_and_postgres, post, usd, wait_for_records,
 };
-use common::{ADMIN_KEY, Answer, Gateway, SYSTEM_OPENAI_KEY, TENANT_ANTHROPIC_KEY, hello};
+use common::{ADMIN_KEY, Gateway, SYSTEM_OPENAI_KEY, TENANT_ANTHROPIC_KEY, hello};
 use fantoccini::Locator;
 use meta_chat::store::UsageRecord;
 use meta_chat_testkit::Reply;
@@ -143,53 +144,6 @@ async fn session_cookie(browser: &Browser) -> String {
     assert_ne!(cookie.secure(), Some(true), "{cookie:?}");
     assert_eq!(cookie.path(), Some("/dashboard"), "{cookie:?}");
     format!("mc_session={}", cookie.value())
-}
-
-/// A dashboard page read without the browser, with `cookie`, redirects not followed.
-async fn fetch(gw: &Gateway, cookie: &str, path: &str) -> Answer {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    Answer::read(
-        client
-            .get(gw.url(path))
-            .header("cookie", cookie)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
-
-/// `GET {path}` of the API as the admin; must be a 200.
-async fn api(gw: &Gateway, path: &str) -> Value {
-    let answer = gw
-        .send(reqwest::Method::GET, path, Some(ADMIN_KEY), None)
-        .await;
-    assert_eq!(answer.status, 200, "{}", answer.text);
-    answer.json()
-}
-
-/// `1234567` as the page writes it: `1,234,567`.
-fn thousands(n: i64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// The API's nine-digit USD string as the analytics page writes it: without trailing zeros
-/// beyond the cents, with `$`.
-fn dollars(cost_usd: &str) -> String {
-    let (whole, fraction) = cost_usd.split_once('.').unwrap();
-    let fraction = fraction.trim_end_matches('0');
-    format!("${whole}.{fraction:0<2}")
 }
 
 /// Nano-dollars from a nine-digit USD string (`x-meta-chat-cost-usd`).

@@ -18,7 +18,6 @@
 //! earlier assistant turns. Image, document and other non-text content and server tools are
 //! refused with a 400 naming the field.
 
-use axum::http::StatusCode;
 use bytes::Bytes;
 use meta_chat_llm::types::{
     CompletionRequest, CompletionResponse, Dialect, Extra, FinishReason, Message, StreamChunk,
@@ -26,15 +25,13 @@ use meta_chat_llm::types::{
 };
 use serde_json::{Map, Value, json};
 
+use super::codec_util::{
+    DEFAULT_MODEL, FieldReader, Parsed, bad_request, invalid_value, kind, parse_body, present,
+};
 use super::error::ApiError;
 
 #[cfg(test)]
 mod tests;
-
-/// The model name that means "the tenant's configured model".
-const DEFAULT_MODEL: &str = "default";
-
-type Parsed<T> = Result<T, ApiError>;
 
 // ---------------------------------------------------------------------------------------
 // Errors.
@@ -81,44 +78,30 @@ pub fn error_json(error: &ApiError) -> Value {
     })
 }
 
-fn bad_request(
-    code: &'static str,
-    param: impl Into<String>,
-    message: impl Into<String>,
-) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, code, message).with_param(param)
-}
+/// Anthropic wording: the parameter leads the message when the error is encoded
+/// ([`error_message`]), so the message itself does not name it.
+struct Field;
 
-/// A JSON type name for error messages.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+impl FieldReader for Field {
+    fn invalid_type(param: &str, expected: &str, got: &Value) -> ApiError {
+        bad_request(
+            "invalid_type",
+            param,
+            format!("invalid type: expected {expected}, got {}", kind(got)),
+        )
     }
-}
 
-fn invalid_type(param: &str, expected: &str, got: &Value) -> ApiError {
-    bad_request(
-        "invalid_type",
-        param,
-        format!("invalid type: expected {expected}, got {}", kind(got)),
-    )
-}
+    fn missing(param: &str) -> ApiError {
+        bad_request(
+            "missing_required_parameter",
+            param,
+            "Field required".to_owned(),
+        )
+    }
 
-fn invalid_value(param: &str, message: impl Into<String>) -> ApiError {
-    bad_request("invalid_value", param, message)
-}
-
-fn missing(param: &str) -> ApiError {
-    bad_request(
-        "missing_required_parameter",
-        param,
-        "Field required".to_owned(),
-    )
+    fn must(_param: &str, rule: String) -> String {
+        rule
+    }
 }
 
 fn unsupported_block(param: &str, block: &str) -> ApiError {
@@ -132,120 +115,13 @@ fn unsupported_block(param: &str, block: &str) -> ApiError {
     )
 }
 
-fn parse_body(body: &[u8]) -> Parsed<Map<String, Value>> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the request body is not valid JSON: {e}"),
-        )
-    })?;
-    match value {
-        Value::Object(map) => Ok(map),
-        other => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_type",
-            format!(
-                "the request body must be a JSON object, got {}",
-                kind(&other)
-            ),
-        )),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Small typed readers. `None` and JSON `null` both mean "absent".
-
-fn present(value: Option<&Value>) -> Option<&Value> {
-    value.filter(|v| !v.is_null())
-}
-
-fn opt_str<'a>(value: Option<&'a Value>, param: &str) -> Parsed<Option<&'a str>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(invalid_type(param, "a string", other)),
-    }
-}
-
-fn req_str<'a>(value: Option<&'a Value>, param: &str) -> Parsed<&'a str> {
-    opt_str(value, param)?.ok_or_else(|| missing(param))
-}
-
-fn opt_bool(value: Option<&Value>, param: &str) -> Parsed<Option<bool>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(invalid_type(param, "a boolean", other)),
-    }
-}
-
-fn opt_object<'a>(value: Option<&'a Value>, param: &str) -> Parsed<Option<&'a Map<String, Value>>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Object(map)) => Ok(Some(map)),
-        Some(other) => Err(invalid_type(param, "an object", other)),
-    }
-}
-
-fn req_object<'a>(value: Option<&'a Value>, param: &str) -> Parsed<&'a Map<String, Value>> {
-    opt_object(value, param)?.ok_or_else(|| missing(param))
-}
-
-fn opt_array<'a>(value: Option<&'a Value>, param: &str) -> Parsed<Option<&'a [Value]>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Array(items)) => Ok(Some(items)),
-        Some(other) => Err(invalid_type(param, "an array", other)),
-    }
-}
-
-/// A number within `min..=max`.
-fn opt_ranged(value: Option<&Value>, param: &str, min: f64, max: f64) -> Parsed<Option<f32>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Number(n)) => {
-            let x = n.as_f64().unwrap_or(f64::NAN);
-            if (min..=max).contains(&x) {
-                Ok(Some(x as f32))
-            } else {
-                Err(invalid_value(
-                    param,
-                    format!("must be between {min} and {max}, got {n}"),
-                ))
-            }
-        }
-        Some(other) => Err(invalid_type(param, "a number", other)),
-    }
-}
-
-/// A positive integer that fits in `u32`.
-fn opt_positive_u32(value: Option<&Value>, param: &str) -> Parsed<Option<u32>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => {
-            match n.as_u64().and_then(|x| u32::try_from(x).ok()) {
-                Some(x) if x > 0 => Ok(Some(x)),
-                _ => Err(invalid_value(
-                    param,
-                    format!(
-                        "must be a positive integer of at most {}, got {n}",
-                        u32::MAX
-                    ),
-                )),
-            }
-        }
-        Some(other) => Err(invalid_type(param, "an integer", other)),
-    }
-}
-
 /// The `type` of a content block at `path`, which must be an object.
 fn block_type<'a>(path: &str, block: &'a Value) -> Parsed<(&'a Map<String, Value>, &'a str)> {
     let map = match block {
         Value::Object(map) => map,
-        other => return Err(invalid_type(path, "an object", other)),
+        other => return Err(Field::invalid_type(path, "an object", other)),
     };
-    let kind = req_str(map.get("type"), &format!("{path}.type"))?;
+    let kind = Field::req_str(map.get("type"), &format!("{path}.type"))?;
     Ok((map, kind))
 }
 
@@ -341,14 +217,14 @@ fn is_messages_field(key: &str) -> bool {
 fn parse_request(body: &[u8], endpoint: Endpoint) -> Parsed<MessagesRequest> {
     let body = parse_body(body)?;
 
-    let max_tokens = opt_positive_u32(body.get("max_tokens"), "max_tokens")?;
+    let max_tokens = Field::opt_positive_u32(body.get("max_tokens"), "max_tokens")?;
     if max_tokens.is_none() && endpoint == Endpoint::Messages {
-        return Err(missing("max_tokens"));
+        return Err(Field::missing("max_tokens"));
     }
 
     let mut messages = parse_system(body.get("system"))?;
     match present(body.get("messages")) {
-        None => return Err(missing("messages")),
+        None => return Err(Field::missing("messages")),
         Some(Value::Array(items)) if items.is_empty() => {
             return Err(bad_request(
                 "empty_array",
@@ -361,26 +237,28 @@ fn parse_request(body: &[u8], endpoint: Endpoint) -> Parsed<MessagesRequest> {
                 parse_message(i, item, &mut messages)?;
             }
         }
-        Some(other) => return Err(invalid_type("messages", "an array", other)),
+        Some(other) => return Err(Field::invalid_type("messages", "an array", other)),
     }
 
     let mut tools = Vec::new();
-    if let Some(items) = opt_array(body.get("tools"), "tools")? {
+    if let Some(items) = Field::opt_array(body.get("tools"), "tools")? {
         for (i, item) in items.iter().enumerate() {
             tools.push(parse_tool(&format!("tools.{i}"), item)?);
         }
     }
 
-    let stop = match opt_array(body.get("stop_sequences"), "stop_sequences")? {
+    let stop = match Field::opt_array(body.get("stop_sequences"), "stop_sequences")? {
         None => Vec::new(),
         Some(items) => items
             .iter()
             .enumerate()
-            .map(|(i, s)| req_str(Some(s), &format!("stop_sequences.{i}")).map(str::to_owned))
+            .map(|(i, s)| {
+                Field::req_str(Some(s), &format!("stop_sequences.{i}")).map(str::to_owned)
+            })
             .collect::<Parsed<Vec<_>>>()?,
     };
 
-    let stream = opt_bool(body.get("stream"), "stream")?.unwrap_or(false);
+    let stream = Field::opt_bool(body.get("stream"), "stream")?.unwrap_or(false);
 
     if let Some(top_k) = present(body.get("top_k"))
         && !top_k.is_u64()
@@ -391,26 +269,12 @@ fn parse_request(body: &[u8], endpoint: Endpoint) -> Parsed<MessagesRequest> {
                 format!("must be a non-negative integer, got {top_k}"),
             )
         } else {
-            invalid_type("top_k", "an integer", top_k)
+            Field::invalid_type("top_k", "an integer", top_k)
         });
     }
 
-    let mut conversation_id = None;
     let mut extra = Map::new();
-    if let Some(metadata) = opt_object(body.get("metadata"), "metadata")? {
-        conversation_id = opt_str(metadata.get("conversation_id"), "metadata.conversation_id")?
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned);
-        let rest: Map<String, Value> = metadata
-            .iter()
-            .filter(|(key, _)| key.as_str() != "conversation_id")
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        if !rest.is_empty() {
-            extra.insert("metadata".to_owned(), Value::Object(rest));
-        }
-    }
+    let conversation_id = Field::metadata(body.get("metadata"), &mut extra)?;
     for (key, value) in &body {
         if !is_messages_field(key) {
             extra.insert(key.clone(), value.clone());
@@ -422,9 +286,9 @@ fn parse_request(body: &[u8], endpoint: Endpoint) -> Parsed<MessagesRequest> {
         messages,
         tools,
         tool_choice: parse_tool_choice(body.get("tool_choice"))?,
-        temperature: opt_ranged(body.get("temperature"), "temperature", 0.0, 1.0)?,
+        temperature: Field::opt_ranged(body.get("temperature"), "temperature", 0.0, 1.0)?,
         max_tokens,
-        top_p: opt_ranged(body.get("top_p"), "top_p", 0.0, 1.0)?,
+        top_p: Field::opt_ranged(body.get("top_p"), "top_p", 0.0, 1.0)?,
         stop,
         extra: if extra.is_empty() {
             Extra::default()
@@ -433,7 +297,7 @@ fn parse_request(body: &[u8], endpoint: Endpoint) -> Parsed<MessagesRequest> {
         },
     };
 
-    let model = opt_str(body.get("model"), "model")?
+    let model = Field::opt_str(body.get("model"), "model")?
         .filter(|m| !m.is_empty() && *m != DEFAULT_MODEL)
         .map(str::to_owned);
 
@@ -466,14 +330,14 @@ fn parse_system(value: Option<&Value>) -> Parsed<Vec<Message>> {
                         format!("system blocks must be of type `text`, got `{kind}`"),
                     ));
                 }
-                let text = req_str(map.get("text"), &format!("{path}.text"))?;
+                let text = Field::req_str(map.get("text"), &format!("{path}.text"))?;
                 if !text.is_empty() {
                     messages.push(Message::system(text));
                 }
             }
             Ok(messages)
         }
-        Some(other) => Err(invalid_type(
+        Some(other) => Err(Field::invalid_type(
             PARAM,
             "a string or an array of text blocks",
             other,
@@ -485,12 +349,12 @@ fn parse_message(i: usize, value: &Value, out: &mut Vec<Message>) -> Parsed<()> 
     let path = format!("messages.{i}");
     let message = match value {
         Value::Object(map) => map,
-        other => return Err(invalid_type(&path, "an object", other)),
+        other => return Err(Field::invalid_type(&path, "an object", other)),
     };
     let role_path = format!("{path}.role");
-    let role = req_str(message.get("role"), &role_path)?;
+    let role = Field::req_str(message.get("role"), &role_path)?;
     let content_path = format!("{path}.content");
-    let content = present(message.get("content")).ok_or_else(|| missing(&content_path))?;
+    let content = present(message.get("content")).ok_or_else(|| Field::missing(&content_path))?;
     match role {
         "user" => parse_user_content(&content_path, content, out),
         "assistant" => {
@@ -512,7 +376,7 @@ fn parse_message(i: usize, value: &Value, out: &mut Vec<Message>) -> Parsed<()> 
 fn content_blocks<'a>(path: &str, content: &'a Value) -> Parsed<&'a [Value]> {
     match content {
         Value::Array(blocks) => Ok(blocks),
-        other => Err(invalid_type(
+        other => Err(Field::invalid_type(
             path,
             "a string or an array of content blocks",
             other,
@@ -535,7 +399,7 @@ fn parse_user_content(path: &str, content: &Value, out: &mut Vec<Message>) -> Pa
         let (map, kind) = block_type(&block_path, block)?;
         match kind {
             "text" => {
-                let text = req_str(map.get("text"), &format!("{block_path}.text"))?;
+                let text = Field::req_str(map.get("text"), &format!("{block_path}.text"))?;
                 out.push(Message::user(text));
             }
             "tool_result" => out.push(parse_tool_result(&block_path, map)?),
@@ -553,10 +417,10 @@ fn parse_user_content(path: &str, content: &Value, out: &mut Vec<Message>) -> Pa
 
 /// A `tool_result` block: `{tool_use_id, content?: string | text blocks, is_error?}`.
 fn parse_tool_result(path: &str, block: &Map<String, Value>) -> Parsed<Message> {
-    let tool_use_id = req_str(block.get("tool_use_id"), &format!("{path}.tool_use_id"))?;
+    let tool_use_id = Field::req_str(block.get("tool_use_id"), &format!("{path}.tool_use_id"))?;
     // Validated, then dropped: the unified tool message has no error flag; the result text
     // (which says what went wrong) reaches the model either way.
-    opt_bool(block.get("is_error"), &format!("{path}.is_error"))?;
+    Field::opt_bool(block.get("is_error"), &format!("{path}.is_error"))?;
     let content_path = format!("{path}.content");
     let content = match present(block.get("content")) {
         None => String::new(),
@@ -570,7 +434,10 @@ fn parse_tool_result(path: &str, block: &Map<String, Value>) -> Parsed<Message> 
                 if kind != "text" {
                     return Err(unsupported_block(&format!("{part_path}.type"), kind));
                 }
-                texts.push(req_str(map.get("text"), &format!("{part_path}.text"))?);
+                texts.push(Field::req_str(
+                    map.get("text"),
+                    &format!("{part_path}.text"),
+                )?);
             }
             texts.join("\n\n")
         }
@@ -590,12 +457,15 @@ fn parse_assistant_content(path: &str, content: &Value) -> Parsed<Message> {
         let block_path = format!("{path}.{j}");
         let (map, kind) = block_type(&block_path, block)?;
         match kind {
-            "text" => text.push_str(req_str(map.get("text"), &format!("{block_path}.text"))?),
+            "text" => text.push_str(Field::req_str(
+                map.get("text"),
+                &format!("{block_path}.text"),
+            )?),
             "tool_use" => {
-                let id = req_str(map.get("id"), &format!("{block_path}.id"))?;
-                let name = req_str(map.get("name"), &format!("{block_path}.name"))?;
+                let id = Field::req_str(map.get("id"), &format!("{block_path}.id"))?;
+                let name = Field::req_str(map.get("name"), &format!("{block_path}.name"))?;
                 let input_path = format!("{block_path}.input");
-                let arguments = match opt_object(map.get("input"), &input_path)? {
+                let arguments = match Field::opt_object(map.get("input"), &input_path)? {
                     Some(input) => Value::Object(input.clone()),
                     None => Value::Object(Map::new()),
                 };
@@ -623,10 +493,10 @@ fn parse_assistant_content(path: &str, content: &Value) -> Parsed<Message> {
 fn parse_tool(path: &str, value: &Value) -> Parsed<Tool> {
     let tool = match value {
         Value::Object(map) => map,
-        other => return Err(invalid_type(path, "an object", other)),
+        other => return Err(Field::invalid_type(path, "an object", other)),
     };
     let type_path = format!("{path}.type");
-    if let Some(kind) = opt_str(tool.get("type"), &type_path)?
+    if let Some(kind) = Field::opt_str(tool.get("type"), &type_path)?
         && kind != "custom"
     {
         return Err(bad_request(
@@ -638,9 +508,9 @@ fn parse_tool(path: &str, value: &Value) -> Parsed<Tool> {
             ),
         ));
     }
-    let name = req_str(tool.get("name"), &format!("{path}.name"))?;
-    let description = opt_str(tool.get("description"), &format!("{path}.description"))?;
-    let schema = req_object(tool.get("input_schema"), &format!("{path}.input_schema"))?;
+    let name = Field::req_str(tool.get("name"), &format!("{path}.name"))?;
+    let description = Field::opt_str(tool.get("description"), &format!("{path}.description"))?;
+    let schema = Field::req_object(tool.get("input_schema"), &format!("{path}.input_schema"))?;
     Ok(Tool {
         name: name.to_owned(),
         description: description.map(str::to_owned),
@@ -650,20 +520,20 @@ fn parse_tool(path: &str, value: &Value) -> Parsed<Tool> {
 
 /// `tool_choice`: `{type: auto | any | none}` or `{type: tool, name}`.
 fn parse_tool_choice(value: Option<&Value>) -> Parsed<Option<ToolChoice>> {
-    let Some(choice) = opt_object(value, "tool_choice")? else {
+    let Some(choice) = Field::opt_object(value, "tool_choice")? else {
         return Ok(None);
     };
     // Validated, then dropped: the unified request has no parallel-calls switch.
-    opt_bool(
+    Field::opt_bool(
         choice.get("disable_parallel_tool_use"),
         "tool_choice.disable_parallel_tool_use",
     )?;
-    match req_str(choice.get("type"), "tool_choice.type")? {
+    match Field::req_str(choice.get("type"), "tool_choice.type")? {
         "auto" => Ok(Some(ToolChoice::Auto)),
         "any" => Ok(Some(ToolChoice::Required)),
         "none" => Ok(Some(ToolChoice::None)),
         "tool" => {
-            let name = req_str(choice.get("name"), "tool_choice.name")?;
+            let name = Field::req_str(choice.get("name"), "tool_choice.name")?;
             Ok(Some(ToolChoice::Tool(name.to_owned())))
         }
         other => Err(invalid_value(

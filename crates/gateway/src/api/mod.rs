@@ -5,6 +5,7 @@ pub mod anthropic;
 pub mod anthropic_codec;
 pub mod auth;
 pub mod chat;
+mod codec_util;
 pub mod error;
 pub mod json;
 pub mod metering;

@@ -11,7 +11,6 @@
 //! [`Dialect::OpenAi`], so an OpenAI backend receives them unchanged and other backends ignore
 //! them.
 
-use axum::http::StatusCode;
 use base64::Engine as _;
 use bytes::Bytes;
 use meta_chat_llm::types::{
@@ -20,171 +19,52 @@ use meta_chat_llm::types::{
 };
 use serde_json::{Map, Value, json};
 
+use super::codec_util::{
+    DEFAULT_MODEL, FieldReader, Parsed, bad_request, invalid_value, kind, parse_body, present,
+};
 use super::error::ApiError;
 
 #[cfg(test)]
 mod tests;
 
-/// The model name that means "the tenant's configured model".
-const DEFAULT_MODEL: &str = "default";
-
 /// The terminating event of an OpenAI SSE stream.
 pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
-type Parsed<T> = Result<T, ApiError>;
-
 // ---------------------------------------------------------------------------------------
-// Errors.
+// Errors and small typed readers. `None` and JSON `null` both mean "absent", as in the OpenAI
+// API.
 
-fn bad_request(
-    code: &'static str,
-    param: impl Into<String>,
-    message: impl Into<String>,
-) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, code, message).with_param(param)
-}
+/// OpenAI wording: the message names the parameter.
+struct Field;
 
-/// A JSON type name for error messages.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn invalid_type(param: &str, expected: &str, got: &Value) -> ApiError {
-    bad_request(
-        "invalid_type",
-        param,
-        format!(
-            "invalid type for `{param}`: expected {expected}, got {}",
-            kind(got)
-        ),
-    )
-}
-
-fn invalid_value(param: &str, message: impl Into<String>) -> ApiError {
-    bad_request("invalid_value", param, message)
-}
-
-fn missing(param: &str) -> ApiError {
-    bad_request(
-        "missing_required_parameter",
-        param,
-        format!("missing required parameter: `{param}`"),
-    )
-}
-
-fn parse_body(body: &[u8]) -> Parsed<Map<String, Value>> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the request body is not valid JSON: {e}"),
-        )
-    })?;
-    match value {
-        Value::Object(map) => Ok(map),
-        other => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+impl FieldReader for Field {
+    fn invalid_type(param: &str, expected: &str, got: &Value) -> ApiError {
+        bad_request(
             "invalid_type",
+            param,
             format!(
-                "the request body must be a JSON object, got {}",
-                kind(&other)
+                "invalid type for `{param}`: expected {expected}, got {}",
+                kind(got)
             ),
-        )),
+        )
     }
-}
 
-// ---------------------------------------------------------------------------------------
-// Small typed readers. `None` and JSON `null` both mean "absent", as in the OpenAI API.
-
-fn present(value: Option<&Value>) -> Option<&Value> {
-    value.filter(|v| !v.is_null())
-}
-
-fn opt_str<'a>(value: Option<&'a Value>, param: &str) -> Parsed<Option<&'a str>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(invalid_type(param, "a string", other)),
+    fn missing(param: &str) -> ApiError {
+        bad_request(
+            "missing_required_parameter",
+            param,
+            format!("missing required parameter: `{param}`"),
+        )
     }
-}
 
-fn req_str<'a>(value: Option<&'a Value>, param: &str) -> Parsed<&'a str> {
-    opt_str(value, param)?.ok_or_else(|| missing(param))
-}
-
-fn opt_bool(value: Option<&Value>, param: &str) -> Parsed<Option<bool>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(invalid_type(param, "a boolean", other)),
-    }
-}
-
-fn opt_object<'a>(value: Option<&'a Value>, param: &str) -> Parsed<Option<&'a Map<String, Value>>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Object(map)) => Ok(Some(map)),
-        Some(other) => Err(invalid_type(param, "an object", other)),
-    }
-}
-
-fn opt_array<'a>(value: Option<&'a Value>, param: &str) -> Parsed<Option<&'a [Value]>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Array(items)) => Ok(Some(items)),
-        Some(other) => Err(invalid_type(param, "an array", other)),
-    }
-}
-
-/// A number within `min..=max`.
-fn opt_ranged(value: Option<&Value>, param: &str, min: f64, max: f64) -> Parsed<Option<f32>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Number(n)) => {
-            let x = n.as_f64().unwrap_or(f64::NAN);
-            if (min..=max).contains(&x) {
-                Ok(Some(x as f32))
-            } else {
-                Err(invalid_value(
-                    param,
-                    format!("`{param}` must be between {min} and {max}, got {n}"),
-                ))
-            }
-        }
-        Some(other) => Err(invalid_type(param, "a number", other)),
-    }
-}
-
-/// A positive integer that fits in `u32`.
-fn opt_positive_u32(value: Option<&Value>, param: &str) -> Parsed<Option<u32>> {
-    match present(value) {
-        None => Ok(None),
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => {
-            match n.as_u64().and_then(|x| u32::try_from(x).ok()) {
-                Some(x) if x > 0 => Ok(Some(x)),
-                _ => Err(invalid_value(
-                    param,
-                    format!(
-                        "`{param}` must be a positive integer of at most {}, got {n}",
-                        u32::MAX
-                    ),
-                )),
-            }
-        }
-        Some(other) => Err(invalid_type(param, "an integer", other)),
+    fn must(param: &str, rule: String) -> String {
+        format!("`{param}` {rule}")
     }
 }
 
 /// `"default"` (or nothing) means "the tenant's configured model".
 fn model_name(value: Option<&Value>) -> Parsed<Option<String>> {
-    Ok(opt_str(value, "model")?
+    Ok(Field::opt_str(value, "model")?
         .filter(|m| !m.is_empty() && *m != DEFAULT_MODEL)
         .map(str::to_owned))
 }
@@ -234,7 +114,7 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatCompletionsRequest, ApiErro
     let body = parse_body(body)?;
 
     let messages = match present(body.get("messages")) {
-        None => return Err(missing("messages")),
+        None => return Err(Field::missing("messages")),
         Some(Value::Array(items)) if items.is_empty() => {
             return Err(bad_request(
                 "empty_array",
@@ -247,19 +127,20 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatCompletionsRequest, ApiErro
             .enumerate()
             .map(|(i, m)| parse_message(i, m))
             .collect::<Parsed<Vec<_>>>()?,
-        Some(other) => return Err(invalid_type("messages", "an array", other)),
+        Some(other) => return Err(Field::invalid_type("messages", "an array", other)),
     };
 
     let mut tools = Vec::new();
-    if let Some(items) = opt_array(body.get("tools"), "tools")? {
+    if let Some(items) = Field::opt_array(body.get("tools"), "tools")? {
         for (i, item) in items.iter().enumerate() {
             tools.push(parse_tool(&format!("tools[{i}]"), item)?);
         }
     }
-    if let Some(items) = opt_array(body.get("functions"), "functions")? {
+    if let Some(items) = Field::opt_array(body.get("functions"), "functions")? {
         for (i, item) in items.iter().enumerate() {
             let path = format!("functions[{i}]");
-            let function = opt_object(Some(item), &path)?.ok_or_else(|| missing(&path))?;
+            let function =
+                Field::opt_object(Some(item), &path)?.ok_or_else(|| Field::missing(&path))?;
             tools.push(parse_function(&path, function)?);
         }
     }
@@ -269,14 +150,16 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatCompletionsRequest, ApiErro
         None => parse_legacy_function_call(body.get("function_call"))?,
     };
 
-    let max_tokens =
-        match opt_positive_u32(body.get("max_completion_tokens"), "max_completion_tokens")? {
-            Some(n) => {
-                opt_positive_u32(body.get("max_tokens"), "max_tokens")?;
-                Some(n)
-            }
-            None => opt_positive_u32(body.get("max_tokens"), "max_tokens")?,
-        };
+    let max_tokens = match Field::opt_positive_u32(
+        body.get("max_completion_tokens"),
+        "max_completion_tokens",
+    )? {
+        Some(n) => {
+            Field::opt_positive_u32(body.get("max_tokens"), "max_tokens")?;
+            Some(n)
+        }
+        None => Field::opt_positive_u32(body.get("max_tokens"), "max_tokens")?,
+    };
 
     let stop = match present(body.get("stop")) {
         None => Vec::new(),
@@ -284,10 +167,10 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatCompletionsRequest, ApiErro
         Some(Value::Array(items)) => items
             .iter()
             .enumerate()
-            .map(|(i, s)| req_str(Some(s), &format!("stop[{i}]")).map(str::to_owned))
+            .map(|(i, s)| Field::req_str(Some(s), &format!("stop[{i}]")).map(str::to_owned))
             .collect::<Parsed<Vec<_>>>()?,
         Some(other) => {
-            return Err(invalid_type(
+            return Err(Field::invalid_type(
                 "stop",
                 "a string or an array of strings",
                 other,
@@ -295,30 +178,17 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatCompletionsRequest, ApiErro
         }
     };
 
-    let stream = opt_bool(body.get("stream"), "stream")?.unwrap_or(false);
-    let include_usage = match opt_object(body.get("stream_options"), "stream_options")? {
+    let stream = Field::opt_bool(body.get("stream"), "stream")?.unwrap_or(false);
+    let include_usage = match Field::opt_object(body.get("stream_options"), "stream_options")? {
         Some(options) => {
-            opt_bool(options.get("include_usage"), "stream_options.include_usage")?.unwrap_or(false)
+            Field::opt_bool(options.get("include_usage"), "stream_options.include_usage")?
+                .unwrap_or(false)
         }
         None => false,
     };
 
-    let mut conversation_id = None;
     let mut extra = Map::new();
-    if let Some(metadata) = opt_object(body.get("metadata"), "metadata")? {
-        conversation_id = opt_str(metadata.get("conversation_id"), "metadata.conversation_id")?
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned);
-        let rest: Map<String, Value> = metadata
-            .iter()
-            .filter(|(key, _)| key.as_str() != "conversation_id")
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        if !rest.is_empty() {
-            extra.insert("metadata".to_owned(), Value::Object(rest));
-        }
-    }
+    let conversation_id = Field::metadata(body.get("metadata"), &mut extra)?;
 
     for (key, value) in &body {
         if !is_chat_field(key) {
@@ -331,9 +201,9 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatCompletionsRequest, ApiErro
         messages,
         tools,
         tool_choice,
-        temperature: opt_ranged(body.get("temperature"), "temperature", 0.0, 2.0)?,
+        temperature: Field::opt_ranged(body.get("temperature"), "temperature", 0.0, 2.0)?,
         max_tokens,
-        top_p: opt_ranged(body.get("top_p"), "top_p", 0.0, 1.0)?,
+        top_p: Field::opt_ranged(body.get("top_p"), "top_p", 0.0, 1.0)?,
         stop,
         extra: if extra.is_empty() {
             Extra::default()
@@ -376,33 +246,33 @@ fn parse_message(i: usize, value: &Value) -> Parsed<Message> {
     let path = format!("messages[{i}]");
     let message = match value {
         Value::Object(map) => map,
-        other => return Err(invalid_type(&path, "an object", other)),
+        other => return Err(Field::invalid_type(&path, "an object", other)),
     };
     let role_path = format!("{path}.role");
-    let role = req_str(message.get("role"), &role_path)?;
+    let role = Field::req_str(message.get("role"), &role_path)?;
     let content_path = format!("{path}.content");
     let content = message.get("content");
     match role {
         "system" | "developer" => Ok(Message::System {
             content: text_content(content, &content_path, false)?
-                .ok_or_else(|| missing(&content_path))?,
+                .ok_or_else(|| Field::missing(&content_path))?,
         }),
         "user" => Ok(Message::User {
             content: text_content(content, &content_path, false)?
-                .ok_or_else(|| missing(&content_path))?,
+                .ok_or_else(|| Field::missing(&content_path))?,
         }),
         "assistant" => {
             let content = text_content(content, &content_path, true)?.unwrap_or_default();
             let mut tool_calls = Vec::new();
             let calls_path = format!("{path}.tool_calls");
-            if let Some(calls) = opt_array(message.get("tool_calls"), &calls_path)? {
+            if let Some(calls) = Field::opt_array(message.get("tool_calls"), &calls_path)? {
                 for (j, call) in calls.iter().enumerate() {
                     tool_calls.push(parse_tool_call(&format!("{calls_path}[{j}]"), call)?);
                 }
             }
             let legacy_path = format!("{path}.function_call");
-            if let Some(call) = opt_object(message.get("function_call"), &legacy_path)? {
-                let name = req_str(call.get("name"), &format!("{legacy_path}.name"))?;
+            if let Some(call) = Field::opt_object(message.get("function_call"), &legacy_path)? {
+                let name = Field::req_str(call.get("name"), &format!("{legacy_path}.name"))?;
                 let arguments =
                     arguments(call.get("arguments"), &format!("{legacy_path}.arguments"))?;
                 tool_calls.push(ToolCall {
@@ -420,11 +290,11 @@ fn parse_message(i: usize, value: &Value) -> Parsed<Message> {
         }
         "tool" => {
             let tool_call_id =
-                req_str(message.get("tool_call_id"), &format!("{path}.tool_call_id"))?;
+                Field::req_str(message.get("tool_call_id"), &format!("{path}.tool_call_id"))?;
             Ok(Message::Tool {
                 tool_call_id: tool_call_id.to_owned(),
                 content: text_content(content, &content_path, false)?
-                    .ok_or_else(|| missing(&content_path))?,
+                    .ok_or_else(|| Field::missing(&content_path))?,
             })
         }
         "function" => Err(bad_request(
@@ -450,7 +320,7 @@ fn text_content(value: Option<&Value>, path: &str, refusals: bool) -> Parsed<Opt
         Some(Value::String(s)) => return Ok(Some(s.clone())),
         Some(Value::Array(parts)) => parts,
         Some(other) => {
-            return Err(invalid_type(
+            return Err(Field::invalid_type(
                 path,
                 "a string or an array of content parts",
                 other,
@@ -462,13 +332,16 @@ fn text_content(value: Option<&Value>, path: &str, refusals: bool) -> Parsed<Opt
         let part_path = format!("{path}[{j}]");
         let part = match part {
             Value::Object(map) => map,
-            other => return Err(invalid_type(&part_path, "an object", other)),
+            other => return Err(Field::invalid_type(&part_path, "an object", other)),
         };
         let type_path = format!("{part_path}.type");
-        match req_str(part.get("type"), &type_path)? {
-            "text" => text.push_str(req_str(part.get("text"), &format!("{part_path}.text"))?),
+        match Field::req_str(part.get("type"), &type_path)? {
+            "text" => text.push_str(Field::req_str(
+                part.get("text"),
+                &format!("{part_path}.text"),
+            )?),
             "refusal" if refusals => {
-                text.push_str(req_str(
+                text.push_str(Field::req_str(
                     part.get("refusal"),
                     &format!("{part_path}.refusal"),
                 )?);
@@ -499,15 +372,15 @@ fn arguments(value: Option<&Value>, path: &str) -> Parsed<Value> {
         None => Ok(Value::Object(Map::new())),
         Some(Value::String(text)) => Ok(parse_arguments(text)),
         Some(object @ Value::Object(_)) => Ok(object.clone()),
-        Some(other) => Err(invalid_type(path, "a JSON string", other)),
+        Some(other) => Err(Field::invalid_type(path, "a JSON string", other)),
     }
 }
 
 fn parse_tool_call(path: &str, value: &Value) -> Parsed<ToolCall> {
-    let call = opt_object(Some(value), path)?.ok_or_else(|| missing(path))?;
-    let id = req_str(call.get("id"), &format!("{path}.id"))?;
+    let call = Field::opt_object(Some(value), path)?.ok_or_else(|| Field::missing(path))?;
+    let id = Field::req_str(call.get("id"), &format!("{path}.id"))?;
     let type_path = format!("{path}.type");
-    if let Some(kind) = opt_str(call.get("type"), &type_path)?
+    if let Some(kind) = Field::opt_str(call.get("type"), &type_path)?
         && kind != "function"
     {
         return Err(invalid_value(
@@ -516,11 +389,11 @@ fn parse_tool_call(path: &str, value: &Value) -> Parsed<ToolCall> {
         ));
     }
     let function_path = format!("{path}.function");
-    let function =
-        opt_object(call.get("function"), &function_path)?.ok_or_else(|| missing(&function_path))?;
+    let function = Field::opt_object(call.get("function"), &function_path)?
+        .ok_or_else(|| Field::missing(&function_path))?;
     Ok(ToolCall {
         id: id.to_owned(),
-        name: req_str(function.get("name"), &format!("{function_path}.name"))?.to_owned(),
+        name: Field::req_str(function.get("name"), &format!("{function_path}.name"))?.to_owned(),
         arguments: arguments(
             function.get("arguments"),
             &format!("{function_path}.arguments"),
@@ -529,9 +402,9 @@ fn parse_tool_call(path: &str, value: &Value) -> Parsed<ToolCall> {
 }
 
 fn parse_tool(path: &str, value: &Value) -> Parsed<Tool> {
-    let tool = opt_object(Some(value), path)?.ok_or_else(|| missing(path))?;
+    let tool = Field::opt_object(Some(value), path)?.ok_or_else(|| Field::missing(path))?;
     let type_path = format!("{path}.type");
-    let kind = req_str(tool.get("type"), &type_path)?;
+    let kind = Field::req_str(tool.get("type"), &type_path)?;
     if kind != "function" {
         return Err(invalid_value(
             &type_path,
@@ -539,19 +412,20 @@ fn parse_tool(path: &str, value: &Value) -> Parsed<Tool> {
         ));
     }
     let function_path = format!("{path}.function");
-    let function =
-        opt_object(tool.get("function"), &function_path)?.ok_or_else(|| missing(&function_path))?;
+    let function = Field::opt_object(tool.get("function"), &function_path)?
+        .ok_or_else(|| Field::missing(&function_path))?;
     parse_function(&function_path, function)
 }
 
 /// A function definition: `{name, description?, parameters?}` (`strict` is not carried).
 fn parse_function(path: &str, function: &Map<String, Value>) -> Parsed<Tool> {
-    let name = req_str(function.get("name"), &format!("{path}.name"))?;
-    let description = opt_str(function.get("description"), &format!("{path}.description"))?;
-    let parameters = match opt_object(function.get("parameters"), &format!("{path}.parameters"))? {
-        Some(schema) => Value::Object(schema.clone()),
-        None => json!({"type": "object", "properties": {}}),
-    };
+    let name = Field::req_str(function.get("name"), &format!("{path}.name"))?;
+    let description = Field::opt_str(function.get("description"), &format!("{path}.description"))?;
+    let parameters =
+        match Field::opt_object(function.get("parameters"), &format!("{path}.parameters"))? {
+            Some(schema) => Value::Object(schema.clone()),
+            None => json!({"type": "object", "properties": {}}),
+        };
     Ok(Tool {
         name: name.to_owned(),
         description: description.map(str::to_owned),
@@ -575,19 +449,19 @@ fn parse_tool_choice(value: Option<&Value>) -> Parsed<Option<ToolChoice>> {
             )),
         },
         Some(Value::Object(choice)) => {
-            let kind = req_str(choice.get("type"), "tool_choice.type")?;
+            let kind = Field::req_str(choice.get("type"), "tool_choice.type")?;
             if kind != "function" {
                 return Err(invalid_value(
                     "tool_choice.type",
                     format!("unsupported tool_choice type `{kind}`: expected `function`"),
                 ));
             }
-            let function = opt_object(choice.get("function"), "tool_choice.function")?
-                .ok_or_else(|| missing("tool_choice.function"))?;
-            let name = req_str(function.get("name"), "tool_choice.function.name")?;
+            let function = Field::opt_object(choice.get("function"), "tool_choice.function")?
+                .ok_or_else(|| Field::missing("tool_choice.function"))?;
+            let name = Field::req_str(function.get("name"), "tool_choice.function.name")?;
             Ok(Some(ToolChoice::Tool(name.to_owned())))
         }
-        Some(other) => Err(invalid_type(PARAM, "a string or an object", other)),
+        Some(other) => Err(Field::invalid_type(PARAM, "a string or an object", other)),
     }
 }
 
@@ -605,10 +479,10 @@ fn parse_legacy_function_call(value: Option<&Value>) -> Parsed<Option<ToolChoice
             )),
         },
         Some(Value::Object(choice)) => {
-            let name = req_str(choice.get("name"), "function_call.name")?;
+            let name = Field::req_str(choice.get("name"), "function_call.name")?;
             Ok(Some(ToolChoice::Tool(name.to_owned())))
         }
-        Some(other) => Err(invalid_type(PARAM, "a string or an object", other)),
+        Some(other) => Err(Field::invalid_type(PARAM, "a string or an object", other)),
     }
 }
 
@@ -937,7 +811,7 @@ pub struct EmbeddingsRequest {
 pub fn parse_embeddings_request(body: &[u8]) -> Result<EmbeddingsRequest, ApiError> {
     let body = parse_body(body)?;
     let input = match present(body.get("input")) {
-        None => return Err(missing("input")),
+        None => return Err(Field::missing("input")),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) if items.is_empty() => {
             return Err(bad_request(
@@ -959,14 +833,18 @@ pub fn parse_embeddings_request(body: &[u8]) -> Result<EmbeddingsRequest, ApiErr
                         ));
                     }
                     other => {
-                        return Err(invalid_type(&format!("input[{i}]"), "a string", other));
+                        return Err(Field::invalid_type(
+                            &format!("input[{i}]"),
+                            "a string",
+                            other,
+                        ));
                     }
                 }
             }
             texts
         }
         Some(other) => {
-            return Err(invalid_type(
+            return Err(Field::invalid_type(
                 "input",
                 "a string or an array of strings",
                 other,
@@ -985,7 +863,7 @@ pub fn parse_embeddings_request(body: &[u8]) -> Result<EmbeddingsRequest, ApiErr
         ));
     }
 
-    let base64 = match opt_str(body.get("encoding_format"), "encoding_format")? {
+    let base64 = match Field::opt_str(body.get("encoding_format"), "encoding_format")? {
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
@@ -1013,7 +891,7 @@ pub fn parse_embeddings_request(body: &[u8]) -> Result<EmbeddingsRequest, ApiErr
         request: EmbeddingRequest {
             model: None,
             input,
-            dimensions: opt_positive_u32(body.get("dimensions"), "dimensions")?,
+            dimensions: Field::opt_positive_u32(body.get("dimensions"), "dimensions")?,
             extra: if extra.is_empty() {
                 Extra::default()
             } else {

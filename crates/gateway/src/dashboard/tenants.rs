@@ -34,7 +34,7 @@ use crate::api::json::scrub;
 use crate::api::openai::Arrival;
 use crate::api::test_llm::{DEFAULT_PROMPT, TestAnswer, TestRequest, test_prompt};
 use crate::settings::{FallbackSettings, SettingsError, TenantSettings};
-use crate::store::{UsageDimension, UsageScope, UsageTotals};
+use crate::store::{Tenant, UsageDimension, UsageScope, UsageTotals};
 use crate::tenants::{TenantError, TenantView};
 
 /// This module's routes.
@@ -784,20 +784,32 @@ async fn settings_page(
     render_settings(&state, &session, &view, &form, notice, StatusCode::OK).await
 }
 
+/// The fields of a form posted to tenant `id`'s pages and the stored tenant, after the CSRF
+/// check and the session's access to the tenant.
+async fn tenant_form(
+    state: &AppState,
+    session: &Session,
+    id: &str,
+    form: Result<Form<Pairs>, FormRejection>,
+) -> Result<(Pairs, Tenant), PageError> {
+    let pairs = pairs(form);
+    check_csrf(session, &pairs)?;
+    session.require_tenant(id)?;
+    let tenant = state
+        .store
+        .get_tenant(id)
+        .await
+        .map_err(|e| map_tenant_error(e.into()))?;
+    Ok((pairs, tenant))
+}
+
 async fn save_settings(
     State(state): State<AppState>,
     session: Session,
     Path(id): Path<String>,
     form: Result<Form<Pairs>, FormRejection>,
 ) -> Result<Response, PageError> {
-    let pairs = pairs(form);
-    check_csrf(&session, &pairs)?;
-    session.require_tenant(&id)?;
-    let tenant = state
-        .store
-        .get_tenant(&id)
-        .await
-        .map_err(|e| map_tenant_error(e.into()))?;
+    let (pairs, tenant) = tenant_form(&state, &session, &id, form).await?;
     let stored = state.tenants.open(&tenant).map_err(map_tenant_error)?;
     let built = settings_from_form(&pairs, &stored);
     let (error, rows) = match built {
@@ -858,14 +870,7 @@ async fn send_test(
     Path(id): Path<String>,
     form: Result<Form<Pairs>, FormRejection>,
 ) -> Result<Response, PageError> {
-    let pairs = pairs(form);
-    check_csrf(&session, &pairs)?;
-    session.require_tenant(&id)?;
-    let tenant = state
-        .store
-        .get_tenant(&id)
-        .await
-        .map_err(|e| map_tenant_error(e.into()))?;
+    let (pairs, tenant) = tenant_form(&state, &session, &id, form).await?;
     let prompt = filled(&pairs, "prompt")
         .unwrap_or(DEFAULT_PROMPT)
         .to_owned();

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod dashboard;
 pub mod usage;
 
 use std::collections::BTreeMap;
@@ -311,6 +312,42 @@ pub fn test_redis_url() -> Option<String> {
 pub fn redis_prefix(test: &str) -> String {
     format!("mc-test:{test}:{}:", uuid::Uuid::new_v4().simple())
 }
+
+/// Variables choosing where limits and the cache live: none (in process), or Redis and a key
+/// prefix.
+pub type Backend<'a> = &'a [(&'a str, &'a str)];
+
+/// Two tests of `$body` (an `async fn(Backend)`): `$memory` in process, `$redis` on Redis
+/// (passing, with a printed reason, when `TEST_REDIS_URL` is not set and `REQUIRE_SERVICES` is
+/// not `1`), with the variables `$name = $value` after `REDIS_URL` and `REDIS_KEY_PREFIX`.
+///
+/// Test binaries without such tests leave it unused, which `dead_code` does not cover for a
+/// macro and its re-export: hence the two `allow`s.
+#[allow(unused_macros)]
+macro_rules! in_process_and_on_redis {
+    ($body:ident: $memory:ident, $redis:ident $(, $name:literal = $value:literal)* $(,)?) => {
+        #[tokio::test]
+        async fn $memory() {
+            $body(&[]).await;
+        }
+
+        #[tokio::test]
+        async fn $redis() {
+            let Some(url) = $crate::common::test_redis_url() else {
+                return;
+            };
+            let prefix = $crate::common::redis_prefix(stringify!($redis));
+            $body(&[
+                ("REDIS_URL", url.as_str()),
+                ("REDIS_KEY_PREFIX", prefix.as_str()),
+                $(($name, $value),)*
+            ])
+            .await;
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use in_process_and_on_redis;
 
 /// A PostgreSQL schema private to one test, so tests run in parallel without seeing each
 /// other's rows; dropped when the test ends, also when it fails.

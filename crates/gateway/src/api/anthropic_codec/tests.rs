@@ -1,5 +1,6 @@
 use std::sync::OnceLock;
 
+use axum::http::StatusCode;
 use futures::StreamExt;
 use meta_chat_llm::providers::AnthropicProvider;
 use meta_chat_llm::types::{AssistantMessage, ProviderKind, StreamAccumulator};

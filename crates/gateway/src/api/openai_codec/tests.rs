@@ -1,3 +1,4 @@
+use axum::http::StatusCode;
 use base64::Engine as _;
 use meta_chat_llm::types::{AssistantMessage, ProviderKind, StreamAccumulator};
 use serde_json::json;
