@@ -7,12 +7,13 @@
 //! maintains, partial days at the edges of the period from the records. What is left here is
 //! validating the query, folding days into weeks or months and filling empty buckets.
 
-use chrono::{DateTime, Datelike, Days, Months, NaiveDate, NaiveTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, Days, Months, NaiveDate, SecondsFormat, Utc};
 use meta_chat_llm::pricing::format_usd;
 use serde::Serialize;
 
 use crate::store::{
     ConversationUsage, Store, StoreError, UsageDimension, UsageGroup, UsageScope, UsageTotals,
+    midnight,
 };
 
 /// The most buckets one report may have (about 2.7 years of days).
@@ -293,10 +294,6 @@ fn ceil_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     }
     t.checked_add_signed(chrono::TimeDelta::nanoseconds(i64::from(1_000 - rest)))
         .unwrap_or(t)
-}
-
-fn midnight(day: NaiveDate) -> DateTime<Utc> {
-    day.and_time(NaiveTime::MIN).and_utc()
 }
 
 /// An RFC 3339 instant, or a date: its UTC midnight as a start, the next midnight as an end

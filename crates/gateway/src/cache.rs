@@ -33,6 +33,20 @@ pub struct CachedAnswer {
     pub response: CompletionResponse,
 }
 
+/// Feeds serialised bytes into a SHA-256.
+struct HashWriter(Sha256);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A cached answer as stored: its JSON and how long it lives.
 #[derive(Debug)]
 pub struct Entry {
@@ -96,28 +110,63 @@ impl ResponseCache {
 
     /// The cache key of `request` for `tenant` when routed to `config`.
     pub fn key(tenant: &str, config: &ProviderConfig, request: &CompletionRequest) -> String {
-        let mut request = request.clone();
-        // The routing already resolved it into provider and model.
-        request.model = None;
-        let material = serde_json::json!({
-            "v": 1,
-            "tenant": tenant,
-            "provider": config.provider,
-            "model": config.model,
-            "baseUrl": config.base_url,
-            "temperature": config.defaults.temperature,
-            "maxTokens": config.defaults.max_tokens,
-            "topP": config.defaults.top_p,
-            "request": request,
-        });
-        // serde_json orders object keys, so equal requests give equal bytes.
-        let bytes = serde_json::to_vec(&material).unwrap_or_default();
-        let digest = Sha256::digest(&bytes);
-        let mut key = String::with_capacity(64);
-        for byte in digest {
-            key.push_str(&format!("{byte:02x}"));
+        // Serialised straight into the hash, without copying the request. Field order is
+        // fixed by these structs; maps inside (`extra`, tool schemas) are ordered by serde_json.
+        // The routing already resolved the requested model into provider and model, so the
+        // request's own `model` is left out.
+        #[derive(Serialize)]
+        struct Material<'a> {
+            v: u8,
+            tenant: &'a str,
+            provider: ProviderKind,
+            model: &'a str,
+            base_url: Option<&'a str>,
+            default_temperature: Option<f32>,
+            default_max_tokens: u32,
+            default_top_p: Option<f32>,
+            messages: &'a [meta_chat_llm::Message],
+            tools: &'a [meta_chat_llm::Tool],
+            tool_choice: &'a Option<meta_chat_llm::ToolChoice>,
+            temperature: Option<f32>,
+            max_tokens: Option<u32>,
+            top_p: Option<f32>,
+            stop: &'a [String],
+            extra: &'a meta_chat_llm::Extra,
         }
-        key
+        // Exhaustive on purpose: a new request field will not compile until it is keyed.
+        let CompletionRequest {
+            model: _,
+            messages,
+            tools,
+            tool_choice,
+            temperature,
+            max_tokens,
+            top_p,
+            stop,
+            extra,
+        } = request;
+        let material = Material {
+            v: 2,
+            tenant,
+            provider: config.provider,
+            model: &config.model,
+            base_url: config.base_url.as_deref(),
+            default_temperature: config.defaults.temperature,
+            default_max_tokens: config.defaults.max_tokens,
+            default_top_p: config.defaults.top_p,
+            messages,
+            tools,
+            tool_choice,
+            temperature: *temperature,
+            max_tokens: *max_tokens,
+            top_p: *top_p,
+            stop,
+            extra,
+        };
+        let mut hasher = HashWriter(Sha256::new());
+        // Writing into a hasher cannot fail, and the unified types always serialise.
+        let _ = serde_json::to_writer(&mut hasher, &material);
+        crate::crypto::hex(&hasher.0.finalize())
     }
 
     /// The answer cached under `key`, if any (and readable).

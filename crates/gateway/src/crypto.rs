@@ -400,7 +400,7 @@ fn fill_random(dest: &mut [u8]) -> Result<(), CryptoError> {
     getrandom::fill(dest).map_err(|e| CryptoError::Random(e.to_string()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for byte in bytes {

@@ -27,11 +27,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Days, Months, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Datelike, Days, Months, NaiveDate, Utc};
 use redis::Script;
 
 use crate::redis_conn::{Redis, RedisUnavailable};
-use crate::store::{Store, UsageDimension, UsageScope};
+use crate::store::{Store, UsageDimension, UsageScope, midnight};
 
 /// Where "now" comes from; tests inject a [`ManualClock`].
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -493,10 +493,6 @@ impl Window {
             Self::Month(_) => Duration::from_secs(33 * 86_400),
         }
     }
-}
-
-fn midnight(day: NaiveDate) -> DateTime<Utc> {
-    day.and_time(NaiveTime::MIN).and_utc()
 }
 
 fn next_midnight(day: NaiveDate) -> DateTime<Utc> {

@@ -100,10 +100,7 @@ pub fn alert_threshold_nano(
     let usd = settings
         .cost_alert_threshold
         .or(state.config.cost_alert_threshold_usd)?;
-    let nano = (usd * 1e9).round();
-    // Validation keeps thresholds positive and finite; the float-to-int cast saturates.
-    #[allow(clippy::cast_possible_truncation)]
-    (nano.is_finite() && nano > 0.0).then_some(nano as i64)
+    crate::limits::usd_to_nano(usd).filter(|nano| *nano > 0)
 }
 
 /// How a request that reached a provider ended.

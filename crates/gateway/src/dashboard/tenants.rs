@@ -22,7 +22,7 @@ use axum::extract::{Form, Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::{NaiveTime, TimeDelta, Utc};
+use chrono::{TimeDelta, Utc};
 use maud::{Markup, html};
 use meta_chat_llm::ProviderKind;
 use meta_chat_llm::pricing::format_usd;
@@ -647,7 +647,7 @@ async fn render_tenants(
     status: StatusCode,
 ) -> Result<Response, PageError> {
     let tenants = state.tenants.list().await.map_err(map_tenant_error)?;
-    let from = Utc::now().date_naive().and_time(NaiveTime::MIN).and_utc();
+    let from = crate::store::midnight(Utc::now().date_naive());
     let scope = UsageScope {
         tenant_id: None,
         from,

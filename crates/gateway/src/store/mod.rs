@@ -259,13 +259,17 @@ enum RangePart {
     Records(DateTime<Utc>, DateTime<Utc>),
 }
 
+/// The start of `day` in UTC.
+pub fn midnight(day: NaiveDate) -> DateTime<Utc> {
+    day.and_time(NaiveTime::MIN).and_utc()
+}
+
 /// Splits `[from, to)` into the whole UTC days it covers (served by the rollups) and the
 /// partial days at either edge (served by the records).
 fn plan_range(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<RangePart> {
     if from >= to {
         return Vec::new();
     }
-    let midnight = |day: NaiveDate| day.and_time(NaiveTime::MIN).and_utc();
     let first_whole = if midnight(from.date_naive()) == from {
         from.date_naive()
     } else {
