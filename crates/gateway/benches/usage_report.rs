@@ -36,6 +36,8 @@ const MODELS: &[(&str, &str, i64, i64)] = &[
 ];
 const DAYS: i64 = 91;
 const BATCH: usize = 1_000;
+/// Requests per conversation.
+const TURNS: usize = 10;
 
 struct Options {
     records: usize,
@@ -77,8 +79,9 @@ fn start() -> DateTime<Utc> {
         .unwrap_or_default()
 }
 
-/// The `i`-th record: tenants round-robin, times spread evenly over [`DAYS`], models and
-/// conversations varied, one request in 50 failed.
+/// The `i`-th record: tenants round-robin, times spread evenly over [`DAYS`], models varied,
+/// one request in 50 failed. Conversations are runs of [`TURNS`] consecutive requests of a
+/// tenant (about 2 hours of its traffic; 100,000 conversations in 1,000,000 records).
 fn record(i: usize, options: &Options, rng: &mut fastrand::Rng) -> UsageRecord {
     let tenant = i % options.tenants;
     let (provider, model, input_price, output_price) = MODELS[rng.usize(..MODELS.len())];
@@ -89,7 +92,7 @@ fn record(i: usize, options: &Options, rng: &mut fastrand::Rng) -> UsageRecord {
     let offset = (i as i64).saturating_mul(span) / options.records.max(1) as i64;
     UsageRecord {
         tenant_id: format!("tenant-{tenant:03}"),
-        conversation_id: Some(format!("conv-{}", rng.u16(..300))),
+        conversation_id: Some(format!("conv-{}", i / options.tenants / TURNS)),
         request_id: format!("req-{i}"),
         endpoint: "chat".into(),
         provider: provider.into(),

@@ -237,6 +237,30 @@ impl TenantSettings {
         }
     }
 
+    /// Removes the sections `update` sets to `null`: `{"costAlertThreshold": null}` turns the
+    /// alert off, `{"budget": null}` drops the budgets, `{"llm": null}` goes back to the
+    /// system default provider.
+    pub fn clear_nulls(&mut self, update: &Value) {
+        let Some(sections) = update.as_object() else {
+            return;
+        };
+        for (section, value) in sections {
+            if !value.is_null() {
+                continue;
+            }
+            match section.as_str() {
+                "llm" => self.llm = None,
+                "embeddings" => self.embeddings = None,
+                "fallback" => self.fallback = None,
+                "rateLimit" => self.rate_limit = None,
+                "cache" => self.cache = None,
+                "budget" => self.budget = None,
+                "costAlertThreshold" => self.cost_alert_threshold = None,
+                _ => {}
+            }
+        }
+    }
+
     /// Every secret field, as (field name, value) pairs, for encryption and masking.
     pub fn secrets_mut(&mut self) -> Vec<(String, &mut String)> {
         let mut out = Vec::new();

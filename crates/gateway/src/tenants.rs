@@ -144,17 +144,18 @@ impl Tenants {
         self.view(&tenant)
     }
 
-    /// Replaces the sections given in `update` (SPEC §4.2 `PUT`), after validating them; an
-    /// invalid update stores nothing.
+    /// Replaces the sections given in `update` (SPEC §4.2 `PUT`) and removes those given as
+    /// `null`, after validating them; an invalid update stores nothing.
     pub async fn update_settings(
         &self,
         id: &str,
-        update: &Value,
+        update_json: &Value,
     ) -> Result<TenantView, TenantError> {
-        let update = TenantSettings::parse(update)?;
+        let update = TenantSettings::parse(update_json)?;
         let tenant = self.store.get_tenant(id).await?;
         let mut settings = self.open(&tenant)?;
         settings.merge(update);
+        settings.clear_nulls(update_json);
         settings.validate()?;
         let stored = self.seal(id, settings)?;
         let tenant = self.store.update_settings(id, stored).await?;

@@ -417,6 +417,15 @@ async fn a_tenant_session_sees_only_its_own_tenant() {
         .await;
     assert_eq!(answer.status, 403);
     assert!(!answer.text.contains("theirs"));
+    // Still signed in: the refusal keeps the session's navigation and sign-out button.
+    assert!(
+        answer.text.contains("Sign out")
+            && answer
+                .text
+                .contains(&format!("/dashboard/tenants/{mine}/analytics")),
+        "{}",
+        answer.text
+    );
     assert_eq!(
         dash.get("/dashboard/tenants/no-such-tenant/settings")
             .await
@@ -812,6 +821,8 @@ async fn saving_the_form_switches_the_provider_for_the_next_request() {
     );
     assert_eq!(stored["rateLimit"], json!({}));
     assert_eq!(stored["cache"], json!({"enabled": false}));
+    // The emptied alert threshold turned the alert off.
+    assert!(stored.get("costAlertThreshold").is_none(), "{stored}");
     gw.fake.push(Reply::text("Hi"));
     let answer = gw.chat(&key, &hello(json!({}))).await;
     assert_eq!(answer.status, 200, "{}", answer.text);

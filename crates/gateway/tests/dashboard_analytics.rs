@@ -26,7 +26,7 @@ use common::usage::{
     mini_settings, on_sqlite_and_postgres, post, usd, wait_for_records,
 };
 use common::{ADMIN_KEY, Gateway, hello};
-use meta_chat::store::{ProviderLatency, Store, UsageRecord, UsageScope};
+use meta_chat::store::{ProviderLatency, Store, UsageRecord, UsageScope, latency_bucket};
 use meta_chat_testkit::Reply;
 use serde_json::json;
 
@@ -751,7 +751,12 @@ fn expected_latency(records: &[UsageRecord], scope: &UsageScope<'_>) -> Vec<Prov
         entry.0 += 1;
         entry.1 += i64::from(r.status == "error");
         if !r.cache_hit {
-            entry.2.push(r.latency_ms);
+            // Across tenants the percentiles come from histogram buckets (at most 3.2 % wide).
+            entry.2.push(if scope.tenant_id.is_some() {
+                r.latency_ms
+            } else {
+                latency_bucket(r.latency_ms)
+            });
         }
     }
     by_provider
@@ -773,14 +778,25 @@ async fn latency_of(
     store: &dyn Store,
     records: &[UsageRecord],
     from: DateTime<Utc>,
-) -> [Vec<ProviderLatency>; 2] {
+) -> [Vec<ProviderLatency>; 3] {
     store.insert_usage(records).await.unwrap();
-    let mut out = [Vec::new(), Vec::new()];
-    for (slot, tenant) in out.iter_mut().zip([Some("t"), None]) {
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    // A tenant's day (exact, from the records), everyone's day (from the day's histogram), and
+    // everyone's day with an hour of records on either side (partial days from the records).
+    let scopes = [
+        (Some("t"), from, from + TimeDelta::days(1)),
+        (None, from, from + TimeDelta::days(1)),
+        (
+            None,
+            from - TimeDelta::hours(1),
+            from + TimeDelta::days(1) + TimeDelta::hours(1),
+        ),
+    ];
+    for (slot, (tenant, from, to)) in out.iter_mut().zip(scopes) {
         let scope = UsageScope {
             tenant_id: tenant,
             from,
-            to: from + TimeDelta::days(1),
+            to,
         };
         *slot = store.provider_latency(&scope).await.unwrap();
         assert_eq!(
@@ -804,6 +820,31 @@ async fn latency_percentiles_are_nearest_rank_on_sqlite_and_postgres() {
     let twenty: Vec<i64> = (1..=20).collect();
     assert_eq!(nearest_rank(&twenty, 50), Some(10));
     assert_eq!(nearest_rank(&twenty, 95), Some(19));
+    // The histogram buckets: exact under 64 ms, then 32 per power of two, named by their
+    // largest value.
+    for (latency, bucket) in [
+        (-5, 0),
+        (0, 0),
+        (63, 63),
+        (64, 65),
+        (65, 65),
+        (66, 67),
+        (127, 127),
+        (128, 131),
+        (1_000, 1_007),
+        (1_007, 1_007),
+        (1_008, 1_023),
+        (1_000_000, 1_015_807),
+    ] {
+        assert_eq!(latency_bucket(latency), bucket, "{latency}");
+    }
+    for latency in [64_i64, 100, 999, 4_096, 65_535, 10_000_000] {
+        let bucket = latency_bucket(latency);
+        assert!(
+            bucket >= latency && (bucket - latency) * 1_000 <= latency * 32,
+            "{latency}"
+        );
+    }
     let twenty_one: Vec<i64> = (1..=21).collect();
     assert_eq!(nearest_rank(&twenty_one, 50), Some(11));
     assert_eq!(nearest_rank(&twenty_one, 95), Some(20));

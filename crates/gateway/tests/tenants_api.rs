@@ -270,6 +270,23 @@ async fn tenant_lifecycle_create_list_show_update_rotate_delete() {
     assert_eq!(shown["settings"]["embeddings"]["apiKey"], "sk-e…9876");
     assert!(time(&shown["updatedAt"]) > time(&created["updatedAt"]));
 
+    // A section given as null is removed; the others stay.
+    let (status, updated) = server
+        .put(
+            &path,
+            ADMIN_KEY,
+            &json!({"settings": {"cache": null, "costAlertThreshold": null}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert!(updated["settings"].get("cache").is_none(), "{updated}");
+    assert!(
+        updated["settings"].get("costAlertThreshold").is_none(),
+        "{updated}"
+    );
+    assert_eq!(updated["settings"]["rateLimit"]["tokensPerDay"], 100_000);
+    assert_eq!(server.snapshot(&id).await, updated);
+
     // The tenant itself sets a new provider key: shown masked, the new one.
     let (status, updated) = server
         .put(

@@ -1152,6 +1152,35 @@ async fn buckets_and_partial_days_are_exact(db: Db) {
     ])
     .await;
     assert_eq!(within_the_day["totals"]["inputTokens"], 8);
+
+    // Likewise for conversations: whole days from their day rollup.
+    db.execute(format!(
+        "INSERT INTO usage_conversation_daily (tenant_id, day, conversation_id, requests, \
+         errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, \
+         first_at, last_at) VALUES ('{edges}', '2026-03-01', 'rollup-only', 1, 0, 0, 1000, 0, \
+         0, 5, '2026-03-01T10:00:00.000000Z', '2026-03-01T11:00:00.000000Z')"
+    ))
+    .await;
+    let whole = edges_report(&[
+        ("from", "2026-03-01"),
+        ("to", "2026-03-01"),
+        ("groupBy", "conversation"),
+    ])
+    .await;
+    let row = row_of(&whole, "conversationId", &json!("rollup-only"));
+    assert_eq!(row["inputTokens"], 1000, "{whole:#}");
+    assert_eq!(row["firstAt"], "2026-03-01T10:00:00Z", "{whole:#}");
+    assert_eq!(row["lastAt"], "2026-03-01T11:00:00Z", "{whole:#}");
+    let within_the_day = edges_report(&[
+        ("from", "2026-03-01T00:00:00Z"),
+        ("to", "2026-03-01T23:59:59Z"),
+        ("groupBy", "conversation"),
+    ])
+    .await;
+    assert!(
+        !within_the_day.to_string().contains("rollup-only"),
+        "{within_the_day:#}"
+    );
 }
 
 on_sqlite_and_postgres! {

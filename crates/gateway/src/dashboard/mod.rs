@@ -78,7 +78,7 @@ impl Session {
         match &self.tenant {
             None => Ok(()),
             Some(tenant) if tenant.id == id => Ok(()),
-            Some(_) => Err(PageError::Forbidden),
+            Some(_) => Err(PageError::Forbidden.within(self)),
         }
     }
 
@@ -87,7 +87,7 @@ impl Session {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(PageError::Forbidden)
+            Err(PageError::Forbidden.within(self))
         }
     }
 
@@ -96,7 +96,7 @@ impl Session {
         let expected = self.stored.csrf_token.as_bytes();
         match presented {
             Some(token) if bool::from(token.as_bytes().ct_eq(expected)) => Ok(()),
-            _ => Err(PageError::Csrf),
+            _ => Err(PageError::Csrf.within(self)),
         }
     }
 
@@ -121,11 +121,28 @@ pub enum PageError {
     BadRequest(String),
     /// The database could not be reached.
     Unavailable,
+    /// One of the others, shown inside the signed-in session's layout (navigation, sign-out).
+    InSession(Box<Session>, Box<PageError>),
+}
+
+impl PageError {
+    /// This error, shown with `session`'s navigation and sign-out button.
+    pub fn within(self, session: &Session) -> Self {
+        match self {
+            Self::SignIn | Self::InSession(..) => self,
+            other => Self::InSession(Box::new(session.clone()), Box::new(other)),
+        }
+    }
 }
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        let (status, title, message) = match self {
+        let (session, error) = match self {
+            Self::InSession(session, error) => (Some(session), *error),
+            other => (None, other),
+        };
+        let (status, title, message) = match error {
+            Self::InSession(_, error) => return error.into_response(),
             Self::SignIn => {
                 return (
                     StatusCode::SEE_OTHER,
@@ -161,7 +178,7 @@ impl IntoResponse for PageError {
             status,
             page(
                 title,
-                None,
+                session.as_deref(),
                 html! { h1 { (title) } p.error { (message) } p { a href="/dashboard" { "Back" } } },
             ),
         )

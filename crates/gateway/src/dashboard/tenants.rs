@@ -316,8 +316,15 @@ fn settings_from_form(
         out.insert("budget".into(), Value::Object(budget));
     }
 
-    if let Some(v) = filled(pairs, "costAlertThreshold") {
-        out.insert("costAlertThreshold".into(), number_or_text(v));
+    // An emptied threshold turns the alert off.
+    match filled(pairs, "costAlertThreshold") {
+        Some(v) => {
+            out.insert("costAlertThreshold".into(), number_or_text(v));
+        }
+        None if stored.cost_alert_threshold.is_some() => {
+            out.insert("costAlertThreshold".into(), Value::Null);
+        }
+        None => {}
     }
     Ok((Value::Object(out), rows))
 }
@@ -646,7 +653,11 @@ async fn render_tenants(
     name_error: Option<(&str, &str)>,
     status: StatusCode,
 ) -> Result<Response, PageError> {
-    let tenants = state.tenants.list().await.map_err(map_tenant_error)?;
+    let tenants = state
+        .tenants
+        .list()
+        .await
+        .map_err(|e| map_tenant_error(e).within(session))?;
     let from = crate::store::midnight(Utc::now().date_naive());
     let scope = UsageScope {
         tenant_id: None,
@@ -772,7 +783,11 @@ async fn settings_page(
     RawQuery(query): RawQuery,
 ) -> Result<Response, PageError> {
     session.require_tenant(&id)?;
-    let view = state.tenants.show(&id).await.map_err(map_tenant_error)?;
+    let view = state
+        .tenants
+        .show(&id)
+        .await
+        .map_err(|e| map_tenant_error(e).within(&session))?;
     let saved = query
         .as_deref()
         .is_some_and(|q| q.split('&').any(|p| p == "saved=1"));
@@ -810,7 +825,10 @@ async fn save_settings(
     form: Result<Form<Pairs>, FormRejection>,
 ) -> Result<Response, PageError> {
     let (pairs, tenant) = tenant_form(&state, &session, &id, form).await?;
-    let stored = state.tenants.open(&tenant).map_err(map_tenant_error)?;
+    let stored = state
+        .tenants
+        .open(&tenant)
+        .map_err(|e| map_tenant_error(e).within(&session))?;
     let built = settings_from_form(&pairs, &stored);
     let (error, rows) = match built {
         Ok((update, rows)) => match state.tenants.update_settings(&id, &update).await {
@@ -825,7 +843,11 @@ async fn save_settings(
         },
         Err(error) => (error, Vec::new()),
     };
-    let view = state.tenants.show(&id).await.map_err(map_tenant_error)?;
+    let view = state
+        .tenants
+        .show(&id)
+        .await
+        .map_err(|e| map_tenant_error(e).within(&session))?;
     let mut form = FormState::from_submitted(&pairs, &view);
     // Rows were renumbered without the blank ones: map the error to the row shown.
     let field = form_field(&error.field, &rows);
@@ -882,7 +904,11 @@ async fn send_test(
     let outcome = test_prompt(&state, Some(&tenant), request, Arrival::now())
         .await
         .map_err(|failure| failure.error().message.clone());
-    let view = state.tenants.show(&id).await.map_err(map_tenant_error)?;
+    let view = state
+        .tenants
+        .show(&id)
+        .await
+        .map_err(|e| map_tenant_error(e).within(&session))?;
     let form = FormState::from_view(&view);
     let notice = Notice {
         saved: false,

@@ -319,6 +319,126 @@ fn rollup_batch(
     rollup.into_iter().collect()
 }
 
+/// One conversation's sums over a batch or a day, with its first and last request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConversationSums {
+    totals: UsageTotals,
+    first_at: DateTime<Utc>,
+    last_at: DateTime<Utc>,
+}
+
+/// A conversation rollup row's key: tenant, UTC day, conversation id (`""` for none).
+type ConversationKey = (String, NaiveDate, String);
+
+/// Sums a batch of records by tenant, UTC day and conversation, for `usage_conversation_daily`;
+/// sorted so concurrent writers lock rollup rows in the same order.
+fn conversation_batch(records: &[UsageRecord]) -> Vec<(ConversationKey, ConversationSums)> {
+    let mut rollup: std::collections::BTreeMap<ConversationKey, ConversationSums> =
+        std::collections::BTreeMap::new();
+    for record in records {
+        let key = (
+            record.tenant_id.clone(),
+            record.created_at.date_naive(),
+            record.conversation_id.clone().unwrap_or_default(),
+        );
+        let sums = rollup.entry(key).or_insert_with(|| ConversationSums {
+            totals: UsageTotals::default(),
+            first_at: record.created_at,
+            last_at: record.created_at,
+        });
+        sums.totals += UsageTotals::of(record);
+        sums.first_at = sums.first_at.min(record.created_at);
+        sums.last_at = sums.last_at.max(record.created_at);
+    }
+    rollup.into_iter().collect()
+}
+
+/// The histogram bucket of a latency, as the bucket's largest value: latencies under 64 ms
+/// have a bucket each; above, every power of two is split into 32 buckets, so the value a
+/// bucket reports is at most 3.2 % above the smallest latency in it. The migration that
+/// created `usage_latency_daily` computes the same buckets in SQL.
+pub fn latency_bucket(latency_ms: i64) -> i64 {
+    if latency_ms < 64 {
+        return latency_ms.max(0);
+    }
+    let octave = 63 - i64::from(latency_ms.leading_zeros());
+    let shift = octave - 5;
+    ((latency_ms >> shift) << shift) + (1 << shift) - 1
+}
+
+/// A latency rollup row's key: UTC day, provider, bucket.
+type LatencyKey = (NaiveDate, String, i64);
+
+/// Counts a batch's requests that were not cache hits by UTC day, provider and latency bucket,
+/// for `usage_latency_daily`; sorted like the other rollups.
+fn latency_batch(records: &[UsageRecord]) -> Vec<(LatencyKey, i64)> {
+    let mut rollup: std::collections::BTreeMap<LatencyKey, i64> = std::collections::BTreeMap::new();
+    for record in records.iter().filter(|r| !r.cache_hit) {
+        let key = (
+            record.created_at.date_naive(),
+            record.provider.clone(),
+            latency_bucket(record.latency_ms),
+        );
+        *rollup.entry(key).or_default() += 1;
+    }
+    rollup.into_iter().collect()
+}
+
+/// The p50 and p95 by the nearest-rank definition (the value at rank ⌈p·n⌉ in ascending
+/// order) of a histogram given as `(value, count)` pairs in ascending value order.
+fn nearest_rank_percentiles(histogram: &[(i64, i64)]) -> (Option<i64>, Option<i64>) {
+    let n: i64 = histogram.iter().map(|(_, c)| c).sum();
+    if n <= 0 {
+        return (None, None);
+    }
+    let at_rank = |percent: i64| {
+        let rank = (n * percent + 99) / 100;
+        let mut seen = 0;
+        histogram.iter().find_map(|&(value, count)| {
+            seen += count;
+            (seen >= rank).then_some(value)
+        })
+    };
+    (at_rank(50), at_rank(95))
+}
+
+/// Latency and errors per provider across tenants: requests and errors from the provider
+/// totals, percentiles from the latency buckets (`(provider, latency or bucket, count)` rows,
+/// in any order and possibly repeated; every latency is put in its bucket).
+fn providers_from_buckets(
+    totals: Vec<UsageGroup>,
+    buckets: Vec<(String, i64, i64)>,
+) -> Vec<ProviderLatency> {
+    let mut histograms: std::collections::BTreeMap<String, std::collections::BTreeMap<i64, i64>> =
+        std::collections::BTreeMap::new();
+    for (provider, latency, count) in buckets {
+        *histograms
+            .entry(provider)
+            .or_default()
+            .entry(latency_bucket(latency))
+            .or_default() += count;
+    }
+    let mut latencies: Vec<ProviderLatency> = totals
+        .into_iter()
+        .map(|(provider, _, totals)| {
+            let histogram: Vec<(i64, i64)> = histograms
+                .get(&provider)
+                .map(|h| h.iter().map(|(v, c)| (*v, *c)).collect())
+                .unwrap_or_default();
+            let (p50_ms, p95_ms) = nearest_rank_percentiles(&histogram);
+            ProviderLatency {
+                provider,
+                requests: totals.requests,
+                errors: totals.errors,
+                p50_ms,
+                p95_ms,
+            }
+        })
+        .collect();
+    latencies.sort_by(|a, b| a.provider.cmp(&b.provider));
+    latencies
+}
+
 /// A dashboard session (SPEC §5): who signed in, until when, and the CSRF token its forms carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DashboardSession {

@@ -13,8 +13,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use super::{
     ADMIN_KEY_HASH, ConversationPage, ConversationUsage, DashboardSession, EmbeddedMigration,
     NewTenant, ProviderLatency, RangePart, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
-    UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals, db_err, merge_groups,
-    migrator, now, plan_range, rollup_batch,
+    UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals, conversation_batch, db_err,
+    latency_batch, merge_groups, migrator, now, plan_range, providers_from_buckets, rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -38,6 +38,11 @@ const MIGRATIONS: &[EmbeddedMigration] = &[
         "dashboard sessions",
         include_str!("../../migrations/postgres/0004_dashboard_sessions.sql"),
     ),
+    (
+        5,
+        "conversation and latency rollups",
+        include_str!("../../migrations/postgres/0005_conversation_and_latency_rollups.sql"),
+    ),
 ];
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATIONS));
@@ -50,6 +55,49 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// [`Store::provider_latency`] across tenants: requests and errors from the day rollups,
+    /// percentiles from the latency buckets of whole days and the bucketed latencies of the
+    /// records of partial days.
+    async fn latency_across_tenants(
+        &self,
+        scope: &UsageScope<'_>,
+    ) -> Result<Vec<ProviderLatency>, StoreError> {
+        let totals = self.usage_grouped(scope, UsageDimension::Provider).await?;
+        let mut buckets = Vec::new();
+        for part in plan_range(scope.from, scope.to) {
+            let rows = match part {
+                RangePart::Days(first, end) => sqlx::query(
+                    "SELECT provider, bucket_ms AS latency, SUM(requests)::BIGINT AS n \
+                     FROM usage_latency_daily WHERE day >= $1 AND day < $2 \
+                     GROUP BY provider, bucket_ms",
+                )
+                .bind(first)
+                .bind(end)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?,
+                RangePart::Records(from, to) => sqlx::query(
+                    "SELECT provider, latency_ms AS latency, COUNT(*) AS n FROM usage_records \
+                     WHERE created_at >= $1 AND created_at < $2 AND NOT cache_hit \
+                     GROUP BY provider, latency_ms",
+                )
+                .bind(from)
+                .bind(to)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?,
+            };
+            for row in &rows {
+                buckets.push((
+                    row.try_get("provider").map_err(db_err)?,
+                    row.try_get("latency").map_err(db_err)?,
+                    row.try_get("n").map_err(db_err)?,
+                ));
+            }
+        }
+        Ok(providers_from_buckets(totals, buckets))
+    }
+
     /// Connects to the database at `url` (`postgres://…` or `postgresql://…`). Does not run
     /// migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -348,6 +396,75 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         }
+        let conversations = conversation_batch(records);
+        if !conversations.is_empty() {
+            let number = |f: fn(&UsageTotals) -> i64| {
+                conversations
+                    .iter()
+                    .map(|(_, sums)| f(&sums.totals))
+                    .collect::<Vec<_>>()
+            };
+            sqlx::query(
+                "INSERT INTO usage_conversation_daily (tenant_id, day, conversation_id, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, first_at, last_at) \
+                 SELECT * FROM UNNEST($1::TEXT[], $2::DATE[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::TIMESTAMPTZ[], $12::TIMESTAMPTZ[]) \
+                 ON CONFLICT (tenant_id, day, conversation_id) DO UPDATE SET \
+                 requests = usage_conversation_daily.requests + excluded.requests, \
+                 errors = usage_conversation_daily.errors + excluded.errors, \
+                 cache_hits = usage_conversation_daily.cache_hits + excluded.cache_hits, \
+                 input_tokens = usage_conversation_daily.input_tokens + excluded.input_tokens, \
+                 output_tokens = usage_conversation_daily.output_tokens + excluded.output_tokens, \
+                 embedding_tokens = usage_conversation_daily.embedding_tokens + excluded.embedding_tokens, \
+                 cost_nano_usd = usage_conversation_daily.cost_nano_usd + excluded.cost_nano_usd, \
+                 first_at = LEAST(usage_conversation_daily.first_at, excluded.first_at), \
+                 last_at = GREATEST(usage_conversation_daily.last_at, excluded.last_at)",
+            )
+            .bind(conversations.iter().map(|((tenant, ..), _)| tenant.as_str()).collect::<Vec<_>>())
+            .bind(conversations.iter().map(|((_, day, _), _)| *day).collect::<Vec<_>>())
+            .bind(conversations.iter().map(|((.., id), _)| id.as_str()).collect::<Vec<_>>())
+            .bind(number(|t| t.requests))
+            .bind(number(|t| t.errors))
+            .bind(number(|t| t.cache_hits))
+            .bind(number(|t| t.input_tokens))
+            .bind(number(|t| t.output_tokens))
+            .bind(number(|t| t.embedding_tokens))
+            .bind(number(|t| t.cost_nano_usd))
+            .bind(conversations.iter().map(|(_, s)| s.first_at).collect::<Vec<_>>())
+            .bind(conversations.iter().map(|(_, s)| s.last_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        let latencies = latency_batch(records);
+        if !latencies.is_empty() {
+            sqlx::query(
+                "INSERT INTO usage_latency_daily (day, provider, bucket_ms, requests) \
+                 SELECT * FROM UNNEST($1::DATE[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[]) \
+                 ON CONFLICT (day, provider, bucket_ms) DO UPDATE SET \
+                 requests = usage_latency_daily.requests + excluded.requests",
+            )
+            .bind(
+                latencies
+                    .iter()
+                    .map(|((day, ..), _)| *day)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                latencies
+                    .iter()
+                    .map(|((_, provider, _), _)| provider.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                latencies
+                    .iter()
+                    .map(|((.., bucket), _)| *bucket)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(latencies.iter().map(|(_, n)| *n).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
         tx.commit().await.map_err(db_err)
     }
 
@@ -433,29 +550,30 @@ impl Store for PostgresStore {
         limit: u32,
         offset: u64,
     ) -> Result<ConversationPage, StoreError> {
-        let tenant_filter = if scope.tenant_id.is_some() {
-            " AND tenant_id = $5"
-        } else {
-            ""
+        let Some(mut query) = conversation_parts(scope) else {
+            return Ok(ConversationPage {
+                conversations: Vec::new(),
+                total: 0,
+            });
         };
-        let sql = format!(
-            "SELECT tenant_id, conversation_id, {RECORD_SUMS}, MIN(created_at) AS first_at, \
-             MAX(created_at) AS last_at, COUNT(*) OVER () AS conversations FROM usage_records \
-             WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
-             GROUP BY tenant_id, conversation_id \
-             ORDER BY SUM(cost_nano_usd) DESC, COUNT(*) DESC, tenant_id COLLATE \"C\", \
-             COALESCE(conversation_id, '') COLLATE \"C\" LIMIT $3 OFFSET $4"
-        );
+        let mut count = conversation_parts(scope);
         let offset = i64::try_from(offset).unwrap_or(i64::MAX);
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(scope.from)
-            .bind(scope.to)
-            .bind(i64::from(limit))
-            .bind(offset);
-        if let Some(tenant) = scope.tenant_id {
-            query = query.bind(tenant);
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+        query.push(
+            " SELECT tenant_id, NULLIF(conversation_id, '') AS conversation_id, \
+             SUM(requests)::BIGINT AS requests, SUM(errors)::BIGINT AS errors, \
+             SUM(cache_hits)::BIGINT AS cache_hits, SUM(input_tokens)::BIGINT AS input_tokens, \
+             SUM(output_tokens)::BIGINT AS output_tokens, \
+             SUM(embedding_tokens)::BIGINT AS embedding_tokens, \
+             SUM(cost_nano_usd)::BIGINT AS cost_nano_usd, \
+             MIN(first_at) AS first_at, MAX(last_at) AS last_at, \
+             COUNT(*) OVER () AS conversations FROM parts GROUP BY tenant_id, conversation_id \
+             ORDER BY SUM(cost_nano_usd) DESC, SUM(requests) DESC, tenant_id COLLATE \"C\", \
+             conversation_id COLLATE \"C\" LIMIT ",
+        );
+        query.push_bind(i64::from(limit));
+        query.push(" OFFSET ");
+        query.push_bind(offset);
+        let rows = query.build().fetch_all(&self.pool).await.map_err(db_err)?;
         let conversations = rows
             .iter()
             .map(|row| {
@@ -470,27 +588,16 @@ impl Store for PostgresStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         // Every row carries how many conversations there are (a window over the groups, so
         // they are grouped once); only a page past the end, without rows, counts them apart.
-        let total: i64 = match rows.first() {
-            Some(row) => row.try_get("conversations").map_err(db_err)?,
-            None if offset == 0 => 0,
-            None => {
-                let tenant_filter = if scope.tenant_id.is_some() {
-                    " AND tenant_id = $3"
-                } else {
-                    ""
-                };
-                let count = format!(
-                    "SELECT COUNT(*) AS n FROM (SELECT 1 FROM usage_records \
-                     WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
-                     GROUP BY tenant_id, conversation_id) AS conversations"
+        let total: i64 = match (rows.first(), count.as_mut()) {
+            (Some(row), _) => row.try_get("conversations").map_err(db_err)?,
+            (None, _) if offset == 0 => 0,
+            (None, None) => 0,
+            (None, Some(count)) => {
+                count.push(
+                    " SELECT COUNT(*) AS n FROM \
+                     (SELECT 1 FROM parts GROUP BY tenant_id, conversation_id) AS groups",
                 );
-                let mut count = sqlx::query(sqlx::AssertSqlSafe(count))
-                    .bind(scope.from)
-                    .bind(scope.to);
-                if let Some(tenant) = scope.tenant_id {
-                    count = count.bind(tenant);
-                }
-                let row = count.fetch_one(&self.pool).await.map_err(db_err)?;
+                let row = count.build().fetch_one(&self.pool).await.map_err(db_err)?;
                 row.try_get("n").map_err(db_err)?
             }
         };
@@ -506,28 +613,24 @@ impl Store for PostgresStore {
     ) -> Result<Vec<ProviderLatency>, StoreError> {
         // `percentile_disc(p)` is the value at rank ⌈p·n⌉: the nearest-rank definition the
         // SQLite store computes by hand.
-        let tenant_filter = if scope.tenant_id.is_some() {
-            " AND tenant_id = $3"
-        } else {
-            ""
+        let Some(tenant) = scope.tenant_id else {
+            return self.latency_across_tenants(scope).await;
         };
-        let sql = format!(
-            "SELECT provider, COUNT(*) AS requests, \
+        let sql = "SELECT provider, COUNT(*) AS requests, \
              COUNT(*) FILTER (WHERE status = 'error') AS errors, \
              percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms) \
              FILTER (WHERE NOT cache_hit) AS p50_ms, \
              percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) \
              FILTER (WHERE NOT cache_hit) AS p95_ms \
-             FROM usage_records WHERE created_at >= $1 AND created_at < $2{tenant_filter} \
-             GROUP BY provider"
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+             FROM usage_records WHERE created_at >= $1 AND created_at < $2 AND tenant_id = $3 \
+             GROUP BY provider";
+        let rows = sqlx::query(sql)
             .bind(scope.from)
-            .bind(scope.to);
-        if let Some(tenant) = scope.tenant_id {
-            query = query.bind(tenant);
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+            .bind(scope.to)
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
         let mut latencies = rows
             .iter()
             .map(|row| {
@@ -698,6 +801,53 @@ impl Store for PostgresStore {
 
 /// A row of the day rollups: tenant, day, provider, model and totals.
 type RollupRow = ((String, NaiveDate, String, String), UsageTotals);
+
+/// `WITH parts AS (…)`: one row per conversation and whole day of the scope from
+/// `usage_conversation_daily`, one per record of its partial days (conversation `''` for none);
+/// `None` when the scope is empty.
+fn conversation_parts(scope: &UsageScope<'_>) -> Option<sqlx::QueryBuilder<sqlx::Postgres>> {
+    let parts = plan_range(scope.from, scope.to);
+    if parts.is_empty() {
+        return None;
+    }
+    let mut query = sqlx::QueryBuilder::new("WITH parts AS (");
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            query.push(" UNION ALL ");
+        }
+        match part {
+            RangePart::Days(first, end) => {
+                query.push(
+                    "SELECT tenant_id, conversation_id, requests, errors, cache_hits, \
+                     input_tokens, output_tokens, embedding_tokens, cost_nano_usd, first_at, \
+                     last_at FROM usage_conversation_daily WHERE day >= ",
+                );
+                query.push_bind(first);
+                query.push(" AND day < ");
+                query.push_bind(end);
+            }
+            RangePart::Records(from, to) => {
+                query.push(
+                    "SELECT tenant_id, COALESCE(conversation_id, '') AS conversation_id, \
+                     1::BIGINT AS requests, \
+                     CASE WHEN status = 'error' THEN 1 ELSE 0 END::BIGINT AS errors, \
+                     CASE WHEN cache_hit THEN 1 ELSE 0 END::BIGINT AS cache_hits, input_tokens, \
+                     output_tokens, embedding_tokens, cost_nano_usd, created_at AS first_at, \
+                     created_at AS last_at FROM usage_records WHERE created_at >= ",
+                );
+                query.push_bind(from);
+                query.push(" AND created_at < ");
+                query.push_bind(to);
+            }
+        }
+        if let Some(tenant) = scope.tenant_id {
+            query.push(" AND tenant_id = ");
+            query.push_bind(tenant.to_owned());
+        }
+    }
+    query.push(")");
+    Some(query)
+}
 
 /// Rows per `INSERT … SELECT FROM UNNEST` of usage records.
 const USAGE_UNNEST_CHUNK: usize = 5_000;

@@ -17,8 +17,9 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{
     ADMIN_KEY_HASH, ConversationPage, ConversationUsage, DashboardSession, EmbeddedMigration,
     NewTenant, ProviderLatency, RangePart, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
-    USAGE_INSERT_CHUNK, UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals, db_err,
-    merge_groups, migrator, next_updated_at, now, plan_range, rollup_batch,
+    USAGE_INSERT_CHUNK, UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals,
+    conversation_batch, db_err, latency_batch, merge_groups, migrator, next_updated_at, now,
+    plan_range, providers_from_buckets, rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -41,6 +42,11 @@ const MIGRATIONS: &[EmbeddedMigration] = &[
         4,
         "dashboard sessions",
         include_str!("../../migrations/sqlite/0004_dashboard_sessions.sql"),
+    ),
+    (
+        5,
+        "conversation and latency rollups",
+        include_str!("../../migrations/sqlite/0005_conversation_and_latency_rollups.sql"),
     ),
 ];
 
@@ -70,6 +76,49 @@ fn is_in_memory(database_url: &str) -> bool {
 }
 
 impl SqliteStore {
+    /// [`Store::provider_latency`] across tenants: requests and errors from the day rollups,
+    /// percentiles from the latency buckets of whole days and the bucketed latencies of the
+    /// records of partial days.
+    async fn latency_across_tenants(
+        &self,
+        scope: &UsageScope<'_>,
+    ) -> Result<Vec<ProviderLatency>, StoreError> {
+        let totals = self.usage_grouped(scope, UsageDimension::Provider).await?;
+        let mut buckets = Vec::new();
+        for part in plan_range(scope.from, scope.to) {
+            let (sql, low, high) = match part {
+                RangePart::Days(first, end) => (
+                    "SELECT provider, bucket_ms AS latency, SUM(requests) AS n \
+                     FROM usage_latency_daily WHERE day >= ?1 AND day < ?2 \
+                     GROUP BY provider, bucket_ms",
+                    format_day(first),
+                    format_day(end),
+                ),
+                RangePart::Records(from, to) => (
+                    "SELECT provider, latency_ms AS latency, COUNT(*) AS n FROM usage_records \
+                     WHERE created_at >= ?1 AND created_at < ?2 AND NOT cache_hit \
+                     GROUP BY provider, latency_ms",
+                    format_ts(from),
+                    format_ts(to),
+                ),
+            };
+            let rows = sqlx::query(sql)
+                .bind(low)
+                .bind(high)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+            for row in &rows {
+                buckets.push((
+                    row.try_get("provider").map_err(db_err)?,
+                    row.try_get("latency").map_err(db_err)?,
+                    row.try_get("n").map_err(db_err)?,
+                ));
+            }
+        }
+        Ok(providers_from_buckets(totals, buckets))
+    }
+
     /// Opens (creating if missing) the database at `url`, e.g. `sqlite://meta-chat.db`, in WAL
     /// mode with foreign keys on and a busy timeout. Does not run migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -423,6 +472,44 @@ impl Store for SqliteStore {
             upsert.push(ROLLUP_CONFLICT);
             upsert.build().execute(&mut *tx).await.map_err(db_err)?;
         }
+        for chunk in conversation_batch(records).chunks(USAGE_INSERT_CHUNK) {
+            let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO usage_conversation_daily (tenant_id, day, conversation_id, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, first_at, last_at) ",
+            );
+            upsert.push_values(chunk, |mut row, ((tenant, day, conversation), sums)| {
+                let totals = &sums.totals;
+                row.push_bind(tenant.clone())
+                    .push_bind(format_day(*day))
+                    .push_bind(conversation.clone())
+                    .push_bind(totals.requests)
+                    .push_bind(totals.errors)
+                    .push_bind(totals.cache_hits)
+                    .push_bind(totals.input_tokens)
+                    .push_bind(totals.output_tokens)
+                    .push_bind(totals.embedding_tokens)
+                    .push_bind(totals.cost_nano_usd)
+                    .push_bind(format_ts(sums.first_at))
+                    .push_bind(format_ts(sums.last_at));
+            });
+            upsert.push(CONVERSATION_CONFLICT);
+            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        for chunk in latency_batch(records).chunks(USAGE_INSERT_CHUNK) {
+            let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO usage_latency_daily (day, provider, bucket_ms, requests) ",
+            );
+            upsert.push_values(chunk, |mut row, ((day, provider, bucket), requests)| {
+                row.push_bind(format_day(*day))
+                    .push_bind(provider.clone())
+                    .push_bind(*bucket)
+                    .push_bind(*requests);
+            });
+            upsert.push(
+                " ON CONFLICT (day, provider, bucket_ms) DO UPDATE SET \
+                 requests = usage_latency_daily.requests + excluded.requests",
+            );
+            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
         tx.commit().await.map_err(db_err)
     }
 
@@ -505,31 +592,28 @@ impl Store for SqliteStore {
         limit: u32,
         offset: u64,
     ) -> Result<ConversationPage, StoreError> {
-        let tenant_filter = if scope.tenant_id.is_some() {
-            " AND tenant_id = ?3"
-        } else {
-            ""
+        let Some(mut query) = conversation_parts(scope) else {
+            return Ok(ConversationPage {
+                conversations: Vec::new(),
+                total: 0,
+            });
         };
-        let from = format_ts(scope.from);
-        let to = format_ts(scope.to);
-        let sql = format!(
-            "SELECT tenant_id, conversation_id, {RECORD_SUMS}, MIN(created_at) AS first_at, \
-             MAX(created_at) AS last_at, COUNT(*) OVER () AS conversations FROM usage_records \
-             WHERE created_at >= ?1 AND created_at < ?2{tenant_filter} \
-             GROUP BY tenant_id, conversation_id \
-             ORDER BY SUM(cost_nano_usd) DESC, COUNT(*) DESC, tenant_id, \
-             COALESCE(conversation_id, '') LIMIT ?4 OFFSET ?5"
-        );
+        let mut count = conversation_parts(scope);
         let offset = i64::try_from(offset).unwrap_or(i64::MAX);
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&from)
-            .bind(&to)
-            .bind(scope.tenant_id.unwrap_or_default())
-            .bind(i64::from(limit))
-            .bind(offset)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+        query.push(
+            " SELECT tenant_id, NULLIF(conversation_id, '') AS conversation_id, \
+             SUM(requests) AS requests, SUM(errors) AS errors, SUM(cache_hits) AS cache_hits, \
+             SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, \
+             SUM(embedding_tokens) AS embedding_tokens, SUM(cost_nano_usd) AS cost_nano_usd, \
+             MIN(first_at) AS first_at, MAX(last_at) AS last_at, \
+             COUNT(*) OVER () AS conversations FROM parts GROUP BY tenant_id, conversation_id \
+             ORDER BY SUM(cost_nano_usd) DESC, SUM(requests) DESC, tenant_id, conversation_id \
+             LIMIT ",
+        );
+        query.push_bind(i64::from(limit));
+        query.push(" OFFSET ");
+        query.push_bind(offset);
+        let rows = query.build().fetch_all(&self.pool).await.map_err(db_err)?;
         let conversations = rows
             .iter()
             .map(|row| {
@@ -546,22 +630,16 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         // Every row carries how many conversations there are (a window over the groups, so
         // they are grouped once); only a page past the end, without rows, counts them apart.
-        let total: i64 = match rows.first() {
-            Some(row) => row.try_get("conversations").map_err(db_err)?,
-            None if offset == 0 => 0,
-            None => {
-                let count = format!(
-                    "SELECT COUNT(*) AS n FROM (SELECT 1 FROM usage_records \
-                     WHERE created_at >= ?1 AND created_at < ?2{tenant_filter} \
-                     GROUP BY tenant_id, conversation_id)"
+        let total: i64 = match (rows.first(), count.as_mut()) {
+            (Some(row), _) => row.try_get("conversations").map_err(db_err)?,
+            (None, _) if offset == 0 => 0,
+            (None, None) => 0,
+            (None, Some(count)) => {
+                count.push(
+                    " SELECT COUNT(*) AS n FROM \
+                     (SELECT 1 FROM parts GROUP BY tenant_id, conversation_id)",
                 );
-                let mut count = sqlx::query(sqlx::AssertSqlSafe(count))
-                    .bind(&from)
-                    .bind(&to);
-                if let Some(tenant) = scope.tenant_id {
-                    count = count.bind(tenant);
-                }
-                let row = count.fetch_one(&self.pool).await.map_err(db_err)?;
+                let row = count.build().fetch_one(&self.pool).await.map_err(db_err)?;
                 row.try_get("n").map_err(db_err)?
             }
         };
@@ -580,15 +658,12 @@ impl Store for SqliteStore {
         // rank: the value at rank k is the smallest latency whose running sum reaches k, with
         // k = ⌈p·n⌉ in integer arithmetic. Counting first sorts once and ranks a few thousand
         // distinct values instead of every record (3× faster than ROW_NUMBER() over 330,000).
-        let tenant_filter = if scope.tenant_id.is_some() {
-            " AND tenant_id = ?3"
-        } else {
-            ""
+        let Some(tenant) = scope.tenant_id else {
+            return self.latency_across_tenants(scope).await;
         };
-        let sql = format!(
-            "WITH counted AS (SELECT provider, cache_hit, latency_ms, COUNT(*) AS c, \
+        let sql = "WITH counted AS (SELECT provider, cache_hit, latency_ms, COUNT(*) AS c, \
              SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS e FROM usage_records \
-             WHERE created_at >= ?1 AND created_at < ?2{tenant_filter} \
+             WHERE created_at >= ?1 AND created_at < ?2 AND tenant_id = ?3 \
              GROUP BY provider, cache_hit, latency_ms), \
              ranked AS (SELECT provider, cache_hit, latency_ms, c, e, \
              SUM(c) OVER (PARTITION BY provider, cache_hit ORDER BY latency_ms \
@@ -599,15 +674,14 @@ impl Store for SqliteStore {
              THEN latency_ms END) AS p50_ms, \
              MIN(CASE WHEN NOT cache_hit AND last_rank >= (n * 95 + 99) / 100 \
              THEN latency_ms END) AS p95_ms \
-             FROM ranked GROUP BY provider"
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+             FROM ranked GROUP BY provider";
+        let rows = sqlx::query(sql)
             .bind(format_ts(scope.from))
-            .bind(format_ts(scope.to));
-        if let Some(tenant) = scope.tenant_id {
-            query = query.bind(tenant);
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+            .bind(format_ts(scope.to))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
         let mut latencies = rows
             .iter()
             .map(|row| {
@@ -776,6 +850,64 @@ impl Store for SqliteStore {
         .map(drop)
         .map_err(db_err)
     }
+}
+
+/// Adds a batch's conversation rows to the stored ones.
+const CONVERSATION_CONFLICT: &str = " ON CONFLICT (tenant_id, day, conversation_id) DO UPDATE SET \
+    requests = usage_conversation_daily.requests + excluded.requests, \
+    errors = usage_conversation_daily.errors + excluded.errors, \
+    cache_hits = usage_conversation_daily.cache_hits + excluded.cache_hits, \
+    input_tokens = usage_conversation_daily.input_tokens + excluded.input_tokens, \
+    output_tokens = usage_conversation_daily.output_tokens + excluded.output_tokens, \
+    embedding_tokens = usage_conversation_daily.embedding_tokens + excluded.embedding_tokens, \
+    cost_nano_usd = usage_conversation_daily.cost_nano_usd + excluded.cost_nano_usd, \
+    first_at = MIN(usage_conversation_daily.first_at, excluded.first_at), \
+    last_at = MAX(usage_conversation_daily.last_at, excluded.last_at)";
+
+/// `WITH parts AS (…)`: one row per conversation and whole day of the scope from
+/// `usage_conversation_daily`, one per record of its partial days (conversation `''` for none);
+/// `None` when the scope is empty.
+fn conversation_parts(scope: &UsageScope<'_>) -> Option<sqlx::QueryBuilder<sqlx::Sqlite>> {
+    let parts = plan_range(scope.from, scope.to);
+    if parts.is_empty() {
+        return None;
+    }
+    let mut query = sqlx::QueryBuilder::new("WITH parts AS (");
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            query.push(" UNION ALL ");
+        }
+        match part {
+            RangePart::Days(first, end) => {
+                query.push(
+                    "SELECT tenant_id, conversation_id, requests, errors, cache_hits, \
+                     input_tokens, output_tokens, embedding_tokens, cost_nano_usd, first_at, \
+                     last_at FROM usage_conversation_daily WHERE day >= ",
+                );
+                query.push_bind(format_day(first));
+                query.push(" AND day < ");
+                query.push_bind(format_day(end));
+            }
+            RangePart::Records(from, to) => {
+                query.push(
+                    "SELECT tenant_id, COALESCE(conversation_id, '') AS conversation_id, \
+                     1 AS requests, CASE WHEN status = 'error' THEN 1 ELSE 0 END AS errors, \
+                     CASE WHEN cache_hit THEN 1 ELSE 0 END AS cache_hits, input_tokens, \
+                     output_tokens, embedding_tokens, cost_nano_usd, created_at AS first_at, \
+                     created_at AS last_at FROM usage_records WHERE created_at >= ",
+                );
+                query.push_bind(format_ts(from));
+                query.push(" AND created_at < ");
+                query.push_bind(format_ts(to));
+            }
+        }
+        if let Some(tenant) = scope.tenant_id {
+            query.push(" AND tenant_id = ");
+            query.push_bind(tenant.to_owned());
+        }
+    }
+    query.push(")");
+    Some(query)
 }
 
 /// Adds a batch's rollup rows to the stored ones.
