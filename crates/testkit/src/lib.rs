@@ -10,9 +10,12 @@
 //! | Anthropic | `POST /v1/messages` |
 //! | Ollama | `POST /api/chat`, `POST /api/embed`, `GET /api/tags` |
 //!
-//! Each chat or embeddings request takes the next scripted [`Reply`] (or the default one:
-//! an echo of the last user message) and every request is recorded, so tests can assert
-//! the exact wire request the server received.
+//! Each chat or embeddings request takes the next scripted [`Reply`]; when none is queued it
+//! gets the default reply — an echo of the last user message, or whatever
+//! [`FakeServer::set_default_reply`] set (a tool call, a slow stream, …), which is how a
+//! load test gives every request the same upstream behaviour. Every request is recorded, so
+//! tests can assert the exact wire request the server received
+//! ([`FakeServer::set_recording`] turns that off for long-running servers).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -24,6 +27,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -339,8 +343,20 @@ impl Recorded {
 #[derive(Debug, Default)]
 struct Script {
     replies: VecDeque<Reply>,
+    /// The reply when none is queued; `None` echoes.
+    default_reply: Option<Reply>,
     requests: Vec<Recorded>,
+    /// Requests are not recorded (a server under load would keep every body).
+    not_recording: bool,
     ollama_models: Vec<String>,
+}
+
+impl Script {
+    fn record(&mut self, recorded: impl FnOnce() -> Recorded) {
+        if !self.not_recording {
+            self.requests.push(recorded());
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -380,6 +396,13 @@ impl FakeServer {
         ];
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        // Frames go out as they are produced, as a real API's do: without TCP_NODELAY a
+        // stream's small writes wait for the peer's delayed ACK (40 ms on Linux).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
@@ -407,6 +430,27 @@ impl FakeServer {
     /// Queues several replies, in order.
     pub fn push_all(&self, replies: impl IntoIterator<Item = Reply>) {
         self.shared.lock().replies.extend(replies);
+    }
+
+    /// The reply every chat or embeddings request gets when no reply is queued (instead of
+    /// the echo), for example a tool call or a stream in many delayed chunks.
+    pub fn set_default_reply(&self, reply: Reply) {
+        self.shared.lock().default_reply = Some(reply);
+    }
+
+    /// Back to echoing when no reply is queued.
+    pub fn clear_default_reply(&self) {
+        self.shared.lock().default_reply = None;
+    }
+
+    /// Whether requests are recorded (on by default). A server that answers many requests
+    /// turns it off, since every recorded request keeps its body.
+    pub fn set_recording(&self, on: bool) {
+        let mut script = self.shared.lock();
+        script.not_recording = !on;
+        if !on {
+            script.requests = Vec::new();
+        }
     }
 
     /// Every request received so far, in order.
@@ -454,7 +498,7 @@ pub(crate) struct Exchange {
 }
 
 impl Exchange {
-    /// Records the request and takes the next reply (the default echo when none is queued).
+    /// Records the request and takes the next reply (the default reply when none is queued).
     pub(crate) fn take(
         shared: &Shared,
         method: Method,
@@ -464,22 +508,17 @@ impl Exchange {
     ) -> Self {
         let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let mut script = shared.lock();
-        script.requests.push(Recorded {
+        script.record(|| Recorded {
             method: method.to_string(),
             path: uri.path().to_owned(),
-            headers: headers
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_ascii_lowercase(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: recorded_headers(&headers),
             body: request.clone(),
             raw: body,
         });
-        let reply = script.replies.pop_front().unwrap_or_else(Reply::echo);
+        let reply = match script.replies.pop_front() {
+            Some(reply) => reply,
+            None => script.default_reply.clone().unwrap_or_else(Reply::echo),
+        };
         Self {
             request,
             headers,
@@ -489,22 +528,27 @@ impl Exchange {
 
     /// Records a request that consumes no reply (model listings).
     pub(crate) fn record_only(shared: &Shared, method: Method, uri: &Uri, headers: &HeaderMap) {
-        shared.lock().requests.push(Recorded {
+        shared.lock().record(|| Recorded {
             method: method.to_string(),
             path: uri.path().to_owned(),
-            headers: headers
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_ascii_lowercase(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: recorded_headers(headers),
             body: Value::Null,
             raw: Bytes::new(),
         });
     }
+}
+
+/// Header names lowercased, values as text.
+fn recorded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }
 
 /// How a dialect module answers.
@@ -698,6 +742,74 @@ mod tests {
             assert_eq!(split_text(text, n).concat(), text);
         }
         assert_eq!(split_text("abcdef", 3), vec!["ab", "cd", "ef"]);
+    }
+
+    /// One `POST` over a fresh connection; the raw response (head and body).
+    async fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer fake\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok(response)
+    }
+
+    const CHAT: &str =
+        r#"{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ping"}]}"#;
+
+    #[tokio::test]
+    async fn the_default_reply_serves_every_request_once_the_queue_is_empty() {
+        let server = FakeServer::start().await.unwrap();
+        let chat = || post(server.addr(), "/v1/chat/completions", CHAT);
+        assert!(chat().await.unwrap().contains("You said: ping"));
+
+        server.set_default_reply(Reply::text("pong"));
+        server.push(Reply::text("queued"));
+        assert!(chat().await.unwrap().contains("\"queued\""));
+        for _ in 0..2 {
+            assert!(chat().await.unwrap().contains("\"pong\""));
+        }
+
+        server.set_default_reply(Reply::tool_calls(vec![FakeToolCall::new(
+            "call_1",
+            "get_weather",
+            serde_json::json!({"city": "Paris"}),
+        )]));
+        let answer = chat().await.unwrap();
+        assert!(answer.contains("\"tool_calls\"") && answer.contains("get_weather"));
+
+        server.clear_default_reply();
+        assert!(chat().await.unwrap().contains("You said: ping"));
+        assert_eq!(server.requests_to("/v1/chat/completions").len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_server_can_stop_recording() {
+        let server = FakeServer::start().await.unwrap();
+        post(server.addr(), "/v1/chat/completions", CHAT)
+            .await
+            .unwrap();
+        server.set_recording(false);
+        assert!(server.requests().is_empty());
+        let answer = post(server.addr(), "/v1/chat/completions", CHAT)
+            .await
+            .unwrap();
+        assert!(answer.contains("You said: ping"));
+        assert!(server.requests().is_empty());
+        server.set_recording(true);
+        post(
+            server.addr(),
+            "/v1/embeddings",
+            r#"{"model": "m", "input": "x"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(server.requests().len(), 1);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::types::{
     ToolCall, ToolChoice, Usage,
 };
 
-mod stream;
+pub(crate) mod stream;
 
 use self::stream::decode_stream;
 
@@ -311,7 +311,7 @@ fn wire_tool_choice(choice: &ToolChoice) -> WireToolChoice<'_> {
 }
 
 /// The exact bytes of a Messages request.
-fn messages_body(
+pub(crate) fn messages_body(
     config: &ProviderConfig,
     request: &CompletionRequest,
     stream: bool,
@@ -351,7 +351,7 @@ fn messages_body(
 // Response wire types.
 
 #[derive(Deserialize)]
-struct MessageResponse {
+pub(crate) struct MessageResponse {
     id: Option<String>,
     model: Option<String>,
     #[serde(default)]
@@ -438,7 +438,10 @@ fn finish_reason(reason: Option<&str>, has_tool_calls: bool) -> FinishReason {
     }
 }
 
-fn from_message_response(body: MessageResponse, requested_model: &str) -> CompletionResponse {
+pub(crate) fn from_message_response(
+    body: MessageResponse,
+    requested_model: &str,
+) -> CompletionResponse {
     let mut content = String::new();
     let mut tool_calls = Vec::new();
     for block in body.content {

@@ -17,7 +17,7 @@ use crate::types::{
     Tool, ToolCall, ToolChoice, Usage, parse_arguments,
 };
 
-mod stream;
+pub(crate) mod stream;
 
 use self::stream::decode_stream;
 
@@ -360,7 +360,7 @@ fn extra_fields(extra: &Extra, collides: impl Fn(&str) -> bool) -> Map<String, V
 }
 
 /// The exact bytes of a chat completion request.
-fn chat_body(
+pub(crate) fn chat_body(
     config: &ProviderConfig,
     request: &CompletionRequest,
     stream: bool,
@@ -423,7 +423,7 @@ fn embed_body(model: &str, request: &EmbeddingRequest) -> Result<Vec<u8>> {
 // Response wire types.
 
 #[derive(Deserialize)]
-struct ChatResponse {
+pub(crate) struct ChatResponse {
     id: Option<String>,
     model: Option<String>,
     #[serde(default)]
@@ -537,7 +537,10 @@ fn finish_reason(reason: Option<&str>, has_tool_calls: bool) -> FinishReason {
     }
 }
 
-fn from_chat_response(body: ChatResponse, requested_model: &str) -> Result<CompletionResponse> {
+pub(crate) fn from_chat_response(
+    body: ChatResponse,
+    requested_model: &str,
+) -> Result<CompletionResponse> {
     let choice = body
         .choices
         .and_then(|choices| choices.into_iter().next())

@@ -276,7 +276,7 @@ struct Decoder {
 /// Decodes an Anthropic SSE byte stream, up to `message_stop`. The usage arrives in two
 /// halves (input in `message_start`, output in `message_delta`) and is emitted once, at
 /// `message_stop`, after the finish reason.
-pub(super) fn decode_stream<S>(bytes: S) -> ChunkStream
+pub(crate) fn decode_stream<S>(bytes: S) -> ChunkStream
 where
     S: Stream<Item = Result<Bytes>> + Send + 'static,
 {

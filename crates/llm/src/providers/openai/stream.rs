@@ -125,7 +125,7 @@ struct Decoder {
 }
 
 /// Decodes an SSE byte stream of `chat.completion.chunk` frames, up to `[DONE]`.
-pub(super) fn decode_stream<S>(bytes: S) -> ChunkStream
+pub(crate) fn decode_stream<S>(bytes: S) -> ChunkStream
 where
     S: Stream<Item = Result<Bytes>> + Send + 'static,
 {
