@@ -65,11 +65,11 @@ const TIME_TO_FIRST_TOKEN_BUCKETS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0,
 ];
 
-/// Gateway overhead: 50 µs to 50 ms in 1-2.5-5 steps (with 750 µs and 7.5 ms), then 100 ms
-/// and 250 ms to see outliers.
-const OVERHEAD_BUCKETS: [f64; 15] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.000_75, 0.001, 0.002_5, 0.005, 0.007_5, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5,
+/// Gateway overhead: 25 µs to 1 ms finely (where a healthy gateway sits: 50–300 µs), then
+/// coarser to 500 ms to see outliers.
+const OVERHEAD_BUCKETS: [f64; 20] = [
+    0.000_025, 0.000_05, 0.000_075, 0.000_1, 0.000_15, 0.000_2, 0.000_25, 0.000_3, 0.000_4,
+    0.000_5, 0.000_75, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 ];
 
 /// What one request that got past authentication and validation did, for

@@ -1,5 +1,6 @@
 //! `meta-chat serve` (the default command): the HTTP server, until SIGTERM or Ctrl-C.
 
+use axum::serve::ListenerExt;
 use std::process::ExitCode;
 
 use meta_chat::bootstrap::{self, StartupError};
@@ -43,6 +44,13 @@ pub async fn run() -> ExitCode {
     tracing::info!(addr = %local, database, "meta-chat listening");
     println!("meta-chat listening on http://{local}");
     let usage = state.usage.clone();
+    // Streamed answers are many small writes: without TCP_NODELAY, Nagle's algorithm holds
+    // each one back until the client's delayed ACK (40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     let served = axum::serve(listener, meta_chat::api::router(state))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -66,6 +66,10 @@ pub async fn serve_state_with_clock(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = meta_chat::api::router(state.clone());
+    // As `meta-chat serve` does: no Nagle delay on streamed answers.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        tcp.set_nodelay(true).unwrap();
+    });
     tokio::spawn(async move {
         axum::serve(listener, router).await.unwrap();
     });
