@@ -7,7 +7,7 @@ use std::sync::Arc;
 use secrecy::ExposeSecret;
 
 use crate::alerts::{CostAlerts, WebhookConfig};
-use crate::api::AppState;
+use crate::api::{AppParts, AppState};
 use crate::cache::ResponseCache;
 use crate::config::{Config, DatabaseKind};
 use crate::crypto::{self, Cipher, CryptoError};
@@ -153,6 +153,8 @@ pub async fn app_state_with_clock(
     config: Config,
     clock: Arc<dyn Clock>,
 ) -> Result<(AppState, AdminKey), StartupError> {
+    // The HTTP clients built below (webhooks, providers) need rustls's crypto provider.
+    meta_chat_llm::install_crypto_provider();
     let cipher = open_cipher(&config)?;
     let store = open_store(&config).await?;
     let admin_key = ensure_admin_key(store.as_ref(), &config).await?;
@@ -200,7 +202,7 @@ pub async fn app_state_with_clock(
         ),
     };
     let limits = Limits::new(counters, Arc::clone(&store), clock, config.limits_fail_open);
-    let state = AppState {
+    let state = AppState::new(AppParts {
         config: Arc::new(config),
         store,
         tenants,
@@ -210,6 +212,6 @@ pub async fn app_state_with_clock(
         limits,
         cache,
         admin_key_hash: Arc::new(admin_key.hash.clone()),
-    };
+    });
     Ok((state, admin_key))
 }

@@ -6,6 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: a request allocates and frees many small
+/// buffers across threads, where glibc's malloc spent about a sixth of the gateway's CPU
+/// (`BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// meta-chat: a multi-tenant LLM gateway over OpenAI, Anthropic and Ollama.
 #[derive(Debug, Parser)]
 #[command(name = "meta-chat", version, about)]

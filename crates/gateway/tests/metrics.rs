@@ -334,8 +334,9 @@ async fn real_requests_move_the_counters() {
         &[("endpoint", "chat"), ("reason", "invalid_request")],
     );
     assert_eq!(scalar(invalid), 1.0);
+    // Every answer has an overhead, refusals included.
     assert!(
-        text.contains("meta_chat_overhead_seconds_count{endpoint=\"chat\"} 1"),
+        text.contains("meta_chat_overhead_seconds_count{endpoint=\"chat\"} 3"),
         "{text}"
     );
 }

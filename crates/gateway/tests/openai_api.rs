@@ -539,6 +539,10 @@ async fn overhead_header_excludes_the_time_spent_upstream() {
         assert!(ms >= 0.0, "{value}");
         ms
     };
+    // Refusals carry it too: all their time was the gateway's.
+    let refused = gw.chat("mc_wrong", &hello(json!({}))).await;
+    assert_eq!(refused.status, 401, "{}", refused.text);
+    overhead(&refused);
     gw.fake.push(Reply::text("Four."));
     let answer = gw.chat(&key, &hello(json!({}))).await;
     assert_eq!(answer.status, 200, "{}", answer.text);

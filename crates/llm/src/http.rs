@@ -28,6 +28,9 @@ pub(crate) fn client(provider: ProviderKind) -> Result<reqwest::Client> {
             reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(10))
                 .pool_idle_timeout(std::time::Duration::from_secs(90))
+                // Enough idle connections for a busy upstream, without keeping thousands of
+                // sockets (and their buffers) after a burst of long streams.
+                .pool_max_idle_per_host(1024)
                 .tcp_nodelay(true)
                 .build()
                 .map_err(|e| e.to_string())

@@ -32,9 +32,29 @@ use crate::tenants::Tenants;
 use crate::usage::UsageRecorder;
 use error::ApiError;
 
-/// What every handler can reach. Cheap to clone.
+/// What every handler can reach: one shared [`AppParts`]. Handlers and middleware clone it
+/// for every request, so a clone is one reference count, not one per part.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    /// Shares `parts` with every handler.
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Debug)]
+pub struct AppParts {
     /// The validated configuration.
     pub config: Arc<Config>,
     /// Tenants, settings and (later) usage.

@@ -108,9 +108,23 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             .headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
     }
-    if let Some(Overhead(overhead)) = response.extensions().get::<Overhead>() {
-        state.metrics.record_overhead(endpoint, *overhead);
-    }
+    // Answers that never waited on a provider (refusals, errors, models) spent all their time
+    // in the gateway: that is their overhead, with the same header as the others.
+    let overhead = match response.extensions().get::<Overhead>() {
+        Some(Overhead(overhead)) => *overhead,
+        None => {
+            let overhead = arrival.0.elapsed();
+            if let Ok(value) =
+                HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0))
+            {
+                response
+                    .headers_mut()
+                    .insert(HeaderName::from_static(OVERHEAD_HEADER), value);
+            }
+            overhead
+        }
+    };
+    state.metrics.record_overhead(endpoint, overhead);
     let status = response.status();
     if status.as_u16() >= 400 && response.extensions().get::<ProviderReached>().is_none() {
         let reason = match status.as_u16() {
