@@ -17,7 +17,8 @@
 //!   the schedule and each request takes an idle keep-alive connection from a pool (opening
 //!   another when none is idle), so a slow answer never delays the next request. Latency is
 //!   counted from the intended send time, so stalls are not hidden (no coordinated
-//!   omission); how late requests actually left is reported as the send lag.
+//!   omission); how late requests actually left is reported as the send lag. The same for
+//!   a 100 KB request at 200 requests/s: what a large request adds, without queueing.
 //! - **Maximum throughput, closed loop** (32 connections, each sending its next request when
 //!   the previous answer was read in full), non-streamed and streamed (20 chunks), with the
 //!   time to the first body bytes of streams.
@@ -66,6 +67,8 @@ use crate::report::{Costs, Pair, Pcts, Results, StreamsResult, Summary};
 use crate::system::{Procs, cpu_ticks, memory, own_cpu_ticks};
 
 /// The parts of a run, in the order they run.
+/// Requests per second of the open-loop 100 KB measurement.
+const LARGE_RATE: f64 = 200.0;
 const PARTS: &[&str] = &[
     "open-loop",
     "throughput",
@@ -410,6 +413,20 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                             .await?;
                         results.open_loop.push(pair);
                     }
+                    // What a 100 KB request adds, without queueing: a fixed rate far below
+                    // saturation.
+                    let body = Bytes::from(large_chat().to_string());
+                    let name = format!("large request ({} KB, 50 messages)", body.len() / 1024);
+                    let pair = bench
+                        .measure(
+                            &name,
+                            Some(side(main_fake, CHAT, "fake", &body, "fake")?),
+                            side(gateway_addr, CHAT, &key_main, &body, "fake")?,
+                            Load::Open(LARGE_RATE),
+                            None,
+                        )
+                        .await?;
+                    results.open_loop.push(pair);
                 }
                 "throughput" => {
                     let pair = bench

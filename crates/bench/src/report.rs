@@ -347,21 +347,22 @@ impl Results {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "### Open loop at fixed rates: non-stream chat (~1 KB), latency from the intended send time"
+                "### Open loop at fixed rates: non-stream chat, latency from the intended send time"
             );
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "| rate | target | requests | errors | p50 | p90 | p99 | max | CPU | overhead | send lag p99 |"
+                "| request | rate | target | requests | errors | p50 | p90 | p99 | max | CPU | overhead | send lag p99 |"
             );
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
             for pair in &self.open_loop {
                 let rows = pair.direct.iter().chain(std::iter::once(&pair.gateway));
                 for s in rows {
                     let l = s.latency_ms;
                     let _ = writeln!(
                         out,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        pair.name,
                         pair.load,
                         s.target,
                         count(s.requests),
@@ -385,7 +386,8 @@ impl Results {
                 ) {
                     let _ = writeln!(
                         out,
-                        "| {} | gateway − direct | | | {} | {} | {} | {} | | | |",
+                        "| {} | {} | gateway − direct | | | {} | {} | {} | {} | | | |",
+                        pair.name,
                         pair.load,
                         signed_ms(g.p50 - d.p50),
                         signed_ms(g.p90 - d.p90),

@@ -373,77 +373,113 @@ impl StreamContext {
 /// The stream's usage is recorded when it ends: completed, failed upstream (what was used,
 /// with status `error`) or abandoned by the client (status `cancelled`; the upstream stream is
 /// dropped, which closes its connection).
-fn sse_body<E: StreamEncoder>(
-    mut stream: ChunkStream,
-    mut encoder: E,
+fn sse_body<E: StreamEncoder>(stream: ChunkStream, encoder: E, context: StreamContext) -> Body {
+    let relay = Relay {
+        stream,
+        encoder,
+        context,
+        received: StreamAccumulator::new(),
+        pending: std::collections::VecDeque::new(),
+        started: false,
+        recorded: false,
+    };
+    let body = futures::stream::unfold(relay, |mut relay| async move {
+        relay
+            .next_event()
+            .await
+            .map(|event| (Ok::<Bytes, Infallible>(event), relay))
+    });
+    Body::from_stream(body)
+}
+
+/// Turns an upstream's unified chunks into one dialect's events as the response body polls
+/// for them: each chunk is encoded and written as soon as it arrives, with no task or
+/// channel in between. The outcome is recorded once: when the upstream ends or fails, or —
+/// when the client goes away and the body is dropped — as cancelled.
+struct Relay<E: StreamEncoder> {
+    stream: ChunkStream,
+    encoder: E,
     context: StreamContext,
-) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
-    tokio::spawn(async move {
-        let mut received = StreamAccumulator::new();
-        let cancelled = |encoder: &E, received: &StreamAccumulator| {
-            let mut outcome = context.outcome(encoder.usage(), received.text());
-            outcome.status = "cancelled";
-            context.meter.record(&outcome);
-        };
-        for event in encoder.start() {
-            if tx.send(event).await.is_err() {
-                cancelled(&encoder, &received);
-                return;
+    received: StreamAccumulator,
+    /// Events encoded and not yet written.
+    pending: std::collections::VecDeque<Bytes>,
+    started: bool,
+    /// Whether the outcome was recorded (the upstream ended or failed).
+    recorded: bool,
+}
+
+impl<E: StreamEncoder> Relay<E> {
+    /// The next event to write; `None` once the stream is over.
+    async fn next_event(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
             }
-        }
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(chunk) => {
-                    received.push(&chunk);
-                    for event in encoder.encode(&chunk) {
-                        if tx.send(event).await.is_err() {
-                            // The client went away.
-                            cancelled(&encoder, &received);
-                            return;
-                        }
-                    }
+            if self.recorded {
+                return None;
+            }
+            if !self.started {
+                self.started = true;
+                self.pending.extend(self.encoder.start());
+                continue;
+            }
+            match self.stream.next().await {
+                Some(Ok(chunk)) => {
+                    self.received.push(&chunk);
+                    self.pending.extend(self.encoder.encode(&chunk));
                 }
-                Err(error) => {
-                    let mut outcome = context.outcome(encoder.usage(), received.text());
+                Some(Err(error)) => {
+                    let mut outcome = self
+                        .context
+                        .outcome(self.encoder.usage(), self.received.text());
                     outcome.status = "error";
                     outcome.http_status = error.status().unwrap_or(502);
                     outcome.error_kind = Some(error.code());
-                    context.meter.record(&outcome);
+                    self.context.meter.record(&outcome);
+                    self.recorded = true;
                     let failure = llm_error(&error);
-                    for event in encoder.fail(failure.error()) {
-                        if tx.send(event).await.is_err() {
-                            return;
-                        }
+                    self.pending.extend(self.encoder.fail(failure.error()));
+                }
+                None => {
+                    let outcome = self
+                        .context
+                        .outcome(self.encoder.usage(), self.received.text());
+                    let cost = format_usd(self.context.meter.record(&outcome));
+                    self.recorded = true;
+                    if let Some(fill) = &self.context.cache_fill {
+                        let received = std::mem::take(&mut self.received);
+                        let response = received.into_response(
+                            String::new(),
+                            &self.context.model,
+                            self.context.provider,
+                        );
+                        fill.cache.put_later(
+                            fill.key.clone(),
+                            CachedAnswer {
+                                provider: self.context.provider,
+                                model: self.context.model.clone(),
+                                response,
+                            },
+                            fill.ttl,
+                        );
                     }
-                    return;
+                    self.pending
+                        .extend(self.encoder.finish(outcome.usage, &cost));
                 }
             }
         }
-        let outcome = context.outcome(encoder.usage(), received.text());
-        let cost = format_usd(context.meter.record(&outcome));
-        if let Some(fill) = &context.cache_fill {
-            let response = received.into_response(String::new(), &context.model, context.provider);
-            fill.cache.put_later(
-                fill.key.clone(),
-                CachedAnswer {
-                    provider: context.provider,
-                    model: context.model.clone(),
-                    response,
-                },
-                fill.ttl,
-            );
+    }
+}
+
+impl<E: StreamEncoder> Drop for Relay<E> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            // The client went away before the upstream finished.
+            let mut outcome = self
+                .context
+                .outcome(self.encoder.usage(), self.received.text());
+            outcome.status = "cancelled";
+            self.context.meter.record(&outcome);
         }
-        for event in encoder.finish(outcome.usage, &cost) {
-            if tx.send(event).await.is_err() {
-                return;
-            }
-        }
-    });
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|bytes| (Ok::<Bytes, Infallible>(bytes), rx))
-    });
-    Body::from_stream(body)
+    }
 }
