@@ -409,8 +409,23 @@ struct Relay<E: StreamEncoder> {
 }
 
 impl<E: StreamEncoder> Relay<E> {
-    /// The next event to write; `None` once the stream is over.
+    /// The next bytes to write; `None` once the stream is over. The events one chunk gives
+    /// (an Anthropic text block opens with two; the end brings the usage and the closing
+    /// events) go out as one write; nothing waits for more.
     async fn next_event(&mut self) -> Option<Bytes> {
+        let first = self.next_single().await?;
+        if self.pending.is_empty() {
+            return Some(first);
+        }
+        let mut batch = bytes::BytesMut::from(&first[..]);
+        while let Some(event) = self.pending.pop_front() {
+            batch.extend_from_slice(&event);
+        }
+        Some(batch.freeze())
+    }
+
+    /// The next single event, waiting for the upstream when none is pending.
+    async fn next_single(&mut self) -> Option<Bytes> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
@@ -423,49 +438,56 @@ impl<E: StreamEncoder> Relay<E> {
                 self.pending.extend(self.encoder.start());
                 continue;
             }
-            match self.stream.next().await {
-                Some(Ok(chunk)) => {
-                    self.received.push(&chunk);
-                    self.pending.extend(self.encoder.encode(&chunk));
+            let item = self.stream.next().await;
+            self.take(item);
+        }
+    }
+
+    /// Encodes what the upstream gave: a chunk, a failure, or the end (`None`); the last two
+    /// record the outcome.
+    fn take(&mut self, item: Option<meta_chat_llm::Result<StreamChunk>>) {
+        match item {
+            Some(Ok(chunk)) => {
+                self.received.push(&chunk);
+                self.pending.extend(self.encoder.encode(&chunk));
+            }
+            Some(Err(error)) => {
+                let mut outcome = self
+                    .context
+                    .outcome(self.encoder.usage(), self.received.text());
+                outcome.status = "error";
+                outcome.http_status = error.status().unwrap_or(502);
+                outcome.error_kind = Some(error.code());
+                self.context.meter.record(&outcome);
+                self.recorded = true;
+                let failure = llm_error(&error);
+                self.pending.extend(self.encoder.fail(failure.error()));
+            }
+            None => {
+                let outcome = self
+                    .context
+                    .outcome(self.encoder.usage(), self.received.text());
+                let cost = format_usd(self.context.meter.record(&outcome));
+                self.recorded = true;
+                if let Some(fill) = &self.context.cache_fill {
+                    let received = std::mem::take(&mut self.received);
+                    let response = received.into_response(
+                        String::new(),
+                        &self.context.model,
+                        self.context.provider,
+                    );
+                    fill.cache.put_later(
+                        fill.key.clone(),
+                        CachedAnswer {
+                            provider: self.context.provider,
+                            model: self.context.model.clone(),
+                            response,
+                        },
+                        fill.ttl,
+                    );
                 }
-                Some(Err(error)) => {
-                    let mut outcome = self
-                        .context
-                        .outcome(self.encoder.usage(), self.received.text());
-                    outcome.status = "error";
-                    outcome.http_status = error.status().unwrap_or(502);
-                    outcome.error_kind = Some(error.code());
-                    self.context.meter.record(&outcome);
-                    self.recorded = true;
-                    let failure = llm_error(&error);
-                    self.pending.extend(self.encoder.fail(failure.error()));
-                }
-                None => {
-                    let outcome = self
-                        .context
-                        .outcome(self.encoder.usage(), self.received.text());
-                    let cost = format_usd(self.context.meter.record(&outcome));
-                    self.recorded = true;
-                    if let Some(fill) = &self.context.cache_fill {
-                        let received = std::mem::take(&mut self.received);
-                        let response = received.into_response(
-                            String::new(),
-                            &self.context.model,
-                            self.context.provider,
-                        );
-                        fill.cache.put_later(
-                            fill.key.clone(),
-                            CachedAnswer {
-                                provider: self.context.provider,
-                                model: self.context.model.clone(),
-                                response,
-                            },
-                            fill.ttl,
-                        );
-                    }
-                    self.pending
-                        .extend(self.encoder.finish(outcome.usage, &cost));
-                }
+                self.pending
+                    .extend(self.encoder.finish(outcome.usage, &cost));
             }
         }
     }
