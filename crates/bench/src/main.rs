@@ -363,7 +363,13 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
             upstream_pid: pid_of(upstream)?,
         })
     };
-    let main_fake = fake("fake")?;
+    // The same call straight to the fake `upstream` and through the gateway with `key`.
+    let compared = |path: &'static str, key: &str, body: &Bytes, upstream: &str| {
+        Ok::<_, load::Error>((
+            Some(side(fake(upstream)?, path, "fake", body, upstream)?),
+            side(gateway_addr, path, key, body, upstream)?,
+        ))
+    };
     let conns = plan.connections;
     let closed = Load::Closed(conns);
 
@@ -405,8 +411,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                         let pair = bench
                             .measure(
                                 "non-stream chat (~1 KB)",
-                                Some(side(main_fake, CHAT, "fake", &small, "fake")?),
-                                side(gateway_addr, CHAT, &key_main, &small, "fake")?,
+                                compared(CHAT, &key_main, &small, "fake")?,
                                 Load::Open(*rate),
                                 None,
                             )
@@ -420,8 +425,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             &name,
-                            Some(side(main_fake, CHAT, "fake", &body, "fake")?),
-                            side(gateway_addr, CHAT, &key_main, &body, "fake")?,
+                            compared(CHAT, &key_main, &body, "fake")?,
                             Load::Open(LARGE_RATE),
                             None,
                         )
@@ -432,34 +436,18 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             "non-stream (~1 KB)",
-                            Some(side(main_fake, CHAT, "fake", &small, "fake")?),
-                            side(gateway_addr, CHAT, &key_main, &small, "fake")?,
+                            compared(CHAT, &key_main, &small, "fake")?,
                             closed,
                             None,
                         )
                         .await?;
                     results.throughput.push(pair);
-                    let streamed = |s: Side| Side {
-                        call: Arc::new((*s.call).clone().streamed(false)),
-                        ..s
-                    };
+                    let (direct, gateway) =
+                        compared(CHAT, &key_stream20, &small_stream, "fake-stream20")?;
                     let pair = bench
                         .measure(
                             "stream, 20 chunks",
-                            Some(streamed(side(
-                                fake("fake-stream20")?,
-                                CHAT,
-                                "fake",
-                                &small_stream,
-                                "fake-stream20",
-                            )?)),
-                            streamed(side(
-                                gateway_addr,
-                                CHAT,
-                                &key_stream20,
-                                &small_stream,
-                                "fake-stream20",
-                            )?),
+                            (direct.map(|s| s.streamed(false)), gateway.streamed(false)),
                             closed,
                             None,
                         )
@@ -470,8 +458,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             "small request (~1 KB)",
-                            Some(side(main_fake, CHAT, "fake", &small, "fake")?),
-                            side(gateway_addr, CHAT, &key_main, &small, "fake")?,
+                            compared(CHAT, &key_main, &small, "fake")?,
                             closed,
                             None,
                         )
@@ -484,8 +471,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             &name,
-                            Some(side(main_fake, CHAT, "fake", &body, "fake")?),
-                            side(gateway_addr, CHAT, &key_main, &body, "fake")?,
+                            compared(CHAT, &key_main, &body, "fake")?,
                             closed,
                             None,
                         )
@@ -497,14 +483,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             "tool call",
-                            Some(side(
-                                fake("fake-tools")?,
-                                CHAT,
-                                "fake",
-                                &body,
-                                "fake-tools",
-                            )?),
-                            side(gateway_addr, CHAT, &key_tools, &body, "fake-tools")?,
+                            compared(CHAT, &key_tools, &body, "fake-tools")?,
                             closed,
                             Some("\"tool_calls\""),
                         )
@@ -516,8 +495,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             "embeddings (4 inputs)",
-                            Some(side(main_fake, EMBEDDINGS, "fake", &body, "fake")?),
-                            side(gateway_addr, EMBEDDINGS, &key_main, &body, "fake")?,
+                            compared(EMBEDDINGS, &key_main, &body, "fake")?,
                             closed,
                             Some("\"embedding\""),
                         )
@@ -528,8 +506,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             "cache hit",
-                            None,
-                            side(gateway_addr, CHAT, &key_cache, &small, "fake")?,
+                            (None, side(gateway_addr, CHAT, &key_cache, &small, "fake")?),
                             closed,
                             None,
                         )
@@ -543,43 +520,28 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     results.scenarios.push(pair);
                 }
                 "rate-limited" => {
-                    let mut gateway = side(gateway_addr, CHAT, &key_limited, &small, "fake")?;
-                    gateway.call = Arc::new((*gateway.call).clone().expecting(&[429, 200]));
+                    let gateway = side(gateway_addr, CHAT, &key_limited, &small, "fake")?
+                        .expecting(&[429, 200]);
                     let pair = bench
-                        .measure("rate-limited (429)", None, gateway, closed, None)
+                        .measure("rate-limited (429)", (None, gateway), closed, None)
                         .await?;
                     results.scenarios.push(pair);
                 }
                 "invalid-key" => {
-                    let mut gateway = side(gateway_addr, CHAT, "wrong-key", &small, "fake")?;
-                    gateway.call = Arc::new((*gateway.call).clone().expecting(&[401]));
+                    let gateway =
+                        side(gateway_addr, CHAT, "wrong-key", &small, "fake")?.expecting(&[401]);
                     let pair = bench
-                        .measure("invalid key (401)", None, gateway, closed, None)
+                        .measure("invalid key (401)", (None, gateway), closed, None)
                         .await?;
                     results.scenarios.push(pair);
                 }
                 "slow-stream" => {
-                    let gaps = |s: Side| Side {
-                        call: Arc::new((*s.call).clone().streamed(true)),
-                        ..s
-                    };
+                    let (direct, gateway) =
+                        compared(CHAT, &key_slow20, &small_stream, "fake-slow20ms")?;
                     let pair = bench
                         .measure(
                             "slow stream: 20 chunks 20 ms apart",
-                            Some(gaps(side(
-                                fake("fake-slow20ms")?,
-                                CHAT,
-                                "fake",
-                                &small_stream,
-                                "fake-slow20ms",
-                            )?)),
-                            gaps(side(
-                                gateway_addr,
-                                CHAT,
-                                &key_slow20,
-                                &small_stream,
-                                "fake-slow20ms",
-                            )?),
+                            (direct.map(|s| s.streamed(true)), gateway.streamed(true)),
                             closed,
                             None,
                         )
@@ -745,6 +707,24 @@ struct Side {
     upstream_pid: u32,
 }
 
+impl Side {
+    /// The same call, streamed ([`Call::streamed`]).
+    fn streamed(self, gaps: bool) -> Self {
+        Self {
+            call: Arc::new((*self.call).clone().streamed(gaps)),
+            ..self
+        }
+    }
+
+    /// The same call, with these statuses as its expected outcome ([`Call::expecting`]).
+    fn expecting(self, statuses: &[u16]) -> Self {
+        Self {
+            call: Arc::new((*self.call).clone().expecting(statuses)),
+            ..self
+        }
+    }
+}
+
 /// How a measurement drives its requests.
 #[derive(Debug, Clone, Copy)]
 enum Load {
@@ -790,8 +770,7 @@ impl Bench {
     async fn measure(
         &self,
         name: &str,
-        direct: Option<Side>,
-        gateway: Side,
+        (direct, gateway): (Option<Side>, Side),
         load: Load,
         must_contain: Option<&str>,
     ) -> Result<Pair> {

@@ -492,29 +492,8 @@ fn request_paths() -> Result<Vec<RequestPath>, String> {
     ])
 }
 
-/// The request paths, each case run once and checked.
-fn checked_request_paths() -> Vec<RequestPath> {
-    let paths = checked(request_paths());
-    for path in &paths {
-        for (case, body) in &path.cases {
-            checked(path.check(case, body));
-        }
-    }
-    paths
-}
-
 fn translate_request(c: &mut Criterion) {
-    let paths = checked_request_paths();
-    let mut group = c.benchmark_group("translate_request");
-    for path in &paths {
-        for (case, body) in &path.cases {
-            group.throughput(throughput_bytes(body.len()));
-            group.bench_function(format!("{}/{case}", path.name), |b| {
-                b.iter(|| path.translate(black_box(body)));
-            });
-        }
-    }
-    group.finish();
+    bench_paths(c, "translate_request", request_paths());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -749,24 +728,67 @@ fn response_paths() -> Result<Vec<ResponsePath>, String> {
     ])
 }
 
-/// The response paths, each case run once and checked.
-fn checked_response_paths() -> Vec<ResponsePath> {
-    let paths = checked(response_paths());
+fn translate_response(c: &mut Criterion) {
+    bench_paths(c, "translate_response", response_paths());
+}
+
+/// A translation path over whole bodies (a request or a response), with its cases.
+trait BodyPath {
+    fn name(&self) -> &str;
+    fn cases(&self) -> &[(&'static str, Vec<u8>)];
+    fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String>;
+    fn check(&self, case: &str, body: &[u8]) -> Result<(), String>;
+}
+
+impl BodyPath for RequestPath {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn cases(&self) -> &[(&'static str, Vec<u8>)] {
+        &self.cases
+    }
+    fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        RequestPath::translate(self, body)
+    }
+    fn check(&self, case: &str, body: &[u8]) -> Result<(), String> {
+        RequestPath::check(self, case, body)
+    }
+}
+
+impl BodyPath for ResponsePath {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn cases(&self) -> &[(&'static str, Vec<u8>)] {
+        &self.cases
+    }
+    fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        ResponsePath::translate(self, body)
+    }
+    fn check(&self, case: &str, body: &[u8]) -> Result<(), String> {
+        ResponsePath::check(self, case, body)
+    }
+}
+
+/// The paths, each case run once and checked.
+fn checked_paths<P: BodyPath>(paths: Result<Vec<P>, String>) -> Vec<P> {
+    let paths = checked(paths);
     for path in &paths {
-        for (case, body) in &path.cases {
+        for (case, body) in path.cases() {
             checked(path.check(case, body));
         }
     }
     paths
 }
 
-fn translate_response(c: &mut Criterion) {
-    let paths = checked_response_paths();
-    let mut group = c.benchmark_group("translate_response");
+/// Checks every case of `paths` once, then times each, with its body size as throughput.
+fn bench_paths<P: BodyPath>(c: &mut Criterion, group: &str, paths: Result<Vec<P>, String>) {
+    let paths = checked_paths(paths);
+    let mut group = c.benchmark_group(group);
     for path in &paths {
-        for (case, body) in &path.cases {
+        for (case, body) in path.cases() {
             group.throughput(throughput_bytes(body.len()));
-            group.bench_function(format!("{}/{case}", path.name), |b| {
+            group.bench_function(format!("{}/{case}", path.name()), |b| {
                 b.iter(|| path.translate(black_box(body)));
             });
         }
@@ -1067,8 +1089,8 @@ fn translate_stream(c: &mut Criterion) {
 
 /// Runs every fixture once before anything is timed, so a bad one aborts the run at once.
 fn check_fixtures(_: &mut Criterion) {
-    checked_request_paths();
-    checked_response_paths();
+    checked_paths(request_paths());
+    checked_paths(response_paths());
     checked_stream_paths();
 }
 

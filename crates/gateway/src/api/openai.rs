@@ -114,9 +114,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         Some(Overhead(overhead)) => *overhead,
         None => {
             let overhead = arrival.0.elapsed();
-            if let Ok(value) =
-                HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0))
-            {
+            if let Ok(value) = HeaderValue::from_str(&overhead_ms(overhead)) {
                 response
                     .headers_mut()
                     .insert(HeaderName::from_static(OVERHEAD_HEADER), value);
@@ -542,10 +540,12 @@ pub(super) fn set_headers(
         put(COST_HEADER, cost);
     }
     put(REQUEST_ID_HEADER, &request_id.to_string());
-    put(
-        OVERHEAD_HEADER,
-        &format!("{:.3}", overhead.as_secs_f64() * 1000.0),
-    );
+    put(OVERHEAD_HEADER, &overhead_ms(overhead));
+}
+
+/// The value of [`OVERHEAD_HEADER`]: milliseconds, to the microsecond.
+fn overhead_ms(overhead: Duration) -> String {
+    format!("{:.3}", overhead.as_secs_f64() * 1000.0)
 }
 
 /// Records the failed request (when a provider was reached) and answers with the last error.

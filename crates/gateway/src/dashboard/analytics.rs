@@ -89,17 +89,14 @@ async fn tenant_page(
                 .map_err(|error| match error {
                     StoreError::NotFound => PageError::NotFound,
                     error => unavailable(&error),
-                })
-                .map_err(|e| e.within(&session))?,
+                })?,
         ),
     };
     let subject = Subject::Tenant {
         id: &tenant.id,
         name: &tenant.name,
     };
-    let (status, body) = content(state.store.as_ref(), subject, pairs(query), Utc::now())
-        .await
-        .map_err(|e| e.within(&session))?;
+    let (status, body) = content(state.store.as_ref(), subject, pairs(query), Utc::now()).await?;
     let title = format!("Analytics · {}", tenant.name);
     Ok((status, page(&title, Some(&session), body)).into_response())
 }
@@ -110,9 +107,8 @@ async fn all_page(
     query: Pairs,
 ) -> Result<Response, PageError> {
     session.require_admin()?;
-    let (status, body) = content(state.store.as_ref(), Subject::All, pairs(query), Utc::now())
-        .await
-        .map_err(|e| e.within(&session))?;
+    let (status, body) =
+        content(state.store.as_ref(), Subject::All, pairs(query), Utc::now()).await?;
     Ok((
         status,
         page("Analytics · all tenants", Some(&session), body),

@@ -78,7 +78,7 @@ impl Session {
         match &self.tenant {
             None => Ok(()),
             Some(tenant) if tenant.id == id => Ok(()),
-            Some(_) => Err(PageError::Forbidden.within(self)),
+            Some(_) => Err(PageError::Forbidden),
         }
     }
 
@@ -87,7 +87,7 @@ impl Session {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(PageError::Forbidden.within(self))
+            Err(PageError::Forbidden)
         }
     }
 
@@ -96,7 +96,7 @@ impl Session {
         let expected = self.stored.csrf_token.as_bytes();
         match presented {
             Some(token) if bool::from(token.as_bytes().ct_eq(expected)) => Ok(()),
-            _ => Err(PageError::Csrf.within(self)),
+            _ => Err(PageError::Csrf),
         }
     }
 
@@ -121,28 +121,31 @@ pub enum PageError {
     BadRequest(String),
     /// The database could not be reached.
     Unavailable,
-    /// One of the others, shown inside the signed-in session's layout (navigation, sign-out).
-    InSession(Box<Session>, Box<PageError>),
 }
 
-impl PageError {
-    /// This error, shown with `session`'s navigation and sign-out button.
-    pub fn within(self, session: &Session) -> Self {
-        match self {
-            Self::SignIn | Self::InSession(..) => self,
-            other => Self::InSession(Box::new(session.clone()), Box::new(other)),
-        }
-    }
+/// An error page's text, kept on its response so that [`session_layout`] can lay it out again
+/// with the navigation of the session the request signed in with.
+#[derive(Debug, Clone)]
+struct ErrorPage {
+    title: &'static str,
+    message: String,
+}
+
+/// Where the [`Session`] extractor leaves the signed-in session for [`session_layout`].
+#[derive(Debug, Clone, Default)]
+struct SessionSlot(Arc<std::sync::OnceLock<Session>>);
+
+fn error_page(title: &str, message: &str, session: Option<&Session>) -> Markup {
+    page(
+        title,
+        session,
+        html! { h1 { (title) } p.error { (message) } p { a href="/dashboard" { "Back" } } },
+    )
 }
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        let (session, error) = match self {
-            Self::InSession(session, error) => (Some(session), *error),
-            other => (None, other),
-        };
-        let (status, title, message) = match error {
-            Self::InSession(_, error) => return error.into_response(),
+        let (status, title, message) = match self {
             Self::SignIn => {
                 return (
                     StatusCode::SEE_OTHER,
@@ -174,15 +177,11 @@ impl IntoResponse for PageError {
                 "The database cannot be reached; try again.".to_owned(),
             ),
         };
-        (
-            status,
-            page(
-                title,
-                session.as_deref(),
-                html! { h1 { (title) } p.error { (message) } p { a href="/dashboard" { "Back" } } },
-            ),
-        )
-            .into_response()
+        let mut response = (status, error_page(title, &message, None)).into_response();
+        response
+            .extensions_mut()
+            .insert(ErrorPage { title, message });
+        response
     }
 }
 
@@ -226,7 +225,11 @@ impl FromRequestParts<AppState> for Session {
                 }
             },
         };
-        Ok(Self { stored, tenant })
+        let session = Self { stored, tenant };
+        if let Some(SessionSlot(slot)) = parts.extensions.get::<SessionSlot>() {
+            let _ = slot.set(session.clone());
+        }
+        Ok(session)
     }
 }
 
@@ -423,8 +426,10 @@ async fn stylesheet() -> Response {
 }
 
 /// The security headers of every dashboard response.
-async fn security_headers(State(_): State<AppState>, request: Request, next: Next) -> Response {
-    let mut response = next.run(request).await;
+async fn security_headers(State(_): State<AppState>, mut request: Request, next: Next) -> Response {
+    let slot = SessionSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let mut response = session_layout(next.run(request).await, &slot);
     let headers = response.headers_mut();
     let mut put = |name: &'static str, value: &'static str| {
         headers.insert(
@@ -444,6 +449,19 @@ async fn security_headers(State(_): State<AppState>, request: Request, next: Nex
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     response
+}
+
+/// An error page of a request that signed in (refused, not found, bad input) keeps that
+/// session's navigation and sign-out button, whichever handler refused it.
+fn session_layout(response: Response, slot: &SessionSlot) -> Response {
+    let (Some(error), Some(session)) = (response.extensions().get::<ErrorPage>(), slot.0.get())
+    else {
+        return response;
+    };
+    let body = error_page(error.title, &error.message, Some(session));
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body.into_string()))
 }
 
 /// Escaped text is maud's default; this marks markup that is already safe (an SVG chart).

@@ -653,11 +653,7 @@ async fn render_tenants(
     name_error: Option<(&str, &str)>,
     status: StatusCode,
 ) -> Result<Response, PageError> {
-    let tenants = state
-        .tenants
-        .list()
-        .await
-        .map_err(|e| map_tenant_error(e).within(session))?;
+    let tenants = state.tenants.list().await.map_err(map_tenant_error)?;
     let from = crate::store::midnight(Utc::now().date_naive());
     let scope = UsageScope {
         tenant_id: None,
@@ -783,11 +779,7 @@ async fn settings_page(
     RawQuery(query): RawQuery,
 ) -> Result<Response, PageError> {
     session.require_tenant(&id)?;
-    let view = state
-        .tenants
-        .show(&id)
-        .await
-        .map_err(|e| map_tenant_error(e).within(&session))?;
+    let view = state.tenants.show(&id).await.map_err(map_tenant_error)?;
     let saved = query
         .as_deref()
         .is_some_and(|q| q.split('&').any(|p| p == "saved=1"));
@@ -825,10 +817,7 @@ async fn save_settings(
     form: Result<Form<Pairs>, FormRejection>,
 ) -> Result<Response, PageError> {
     let (pairs, tenant) = tenant_form(&state, &session, &id, form).await?;
-    let stored = state
-        .tenants
-        .open(&tenant)
-        .map_err(|e| map_tenant_error(e).within(&session))?;
+    let stored = state.tenants.open(&tenant).map_err(map_tenant_error)?;
     let built = settings_from_form(&pairs, &stored);
     let (error, rows) = match built {
         Ok((update, rows)) => match state.tenants.update_settings(&id, &update).await {
@@ -843,11 +832,7 @@ async fn save_settings(
         },
         Err(error) => (error, Vec::new()),
     };
-    let view = state
-        .tenants
-        .show(&id)
-        .await
-        .map_err(|e| map_tenant_error(e).within(&session))?;
+    let view = state.tenants.show(&id).await.map_err(map_tenant_error)?;
     let mut form = FormState::from_submitted(&pairs, &view);
     // Rows were renumbered without the blank ones: map the error to the row shown.
     let field = form_field(&error.field, &rows);
@@ -904,11 +889,7 @@ async fn send_test(
     let outcome = test_prompt(&state, Some(&tenant), request, Arrival::now())
         .await
         .map_err(|failure| failure.error().message.clone());
-    let view = state
-        .tenants
-        .show(&id)
-        .await
-        .map_err(|e| map_tenant_error(e).within(&session))?;
+    let view = state.tenants.show(&id).await.map_err(map_tenant_error)?;
     let form = FormState::from_view(&view);
     let notice = Notice {
         saved: false,
