@@ -1,8 +1,8 @@
 //! # meta-chat-bench
 //!
 //! A reproducible load benchmark of the gateway. `cargo run --release -p meta-chat-bench`
-//! builds the release `meta-chat` and `meta-chat-fake` binaries, starts one gateway
-//! (SQLite in a temporary folder, `RUST_LOG=warn`) and several fake upstreams, each
+//! builds the release `meta-chat`, `meta-chat-fake` and `bare-proxy` binaries, starts one
+//! gateway (SQLite in a temporary folder, `RUST_LOG=warn`) and several fake upstreams, each
 //! answering every request the same way (echo; 20 chunks; a tool call; 20 chunks 20 ms
 //! apart; 20 chunks 1 s apart), creates one tenant per upstream behaviour through the admin
 //! API (a tenant reaches its upstream through `llm.baseUrl`), measures, prints markdown
@@ -22,6 +22,9 @@
 //! - **Maximum throughput, closed loop** (32 connections, each sending its next request when
 //!   the previous answer was read in full), non-streamed and streamed (20 chunks), with the
 //!   time to the first body bytes of streams.
+//! - **The bare-proxy reference**, in the same throughput rounds: `bare-proxy` (this crate's
+//!   plain axum + reqwest pass-through, no JSON, no auth, no accounting) in front of the same
+//!   fake, the floor of the gateway's HTTP stack: its req/s, ratio to direct and CPU/request.
 //! - **Scenarios** through the gateway (closed loop), with the direct equivalent where one
 //!   exists: a small and a 100 KB request, a tool call, embeddings, cache hits, rate-limit
 //!   refusals (429 is the expected outcome), a wrong key (401 expected), a slow stream (the
@@ -30,13 +33,15 @@
 //!   of them are open.
 //!
 //! Measurements are interleaved: each runs in rounds (4 × 3 s by default) that alternate the
-//! direct and the gateway phase (ABBA order), and the phases of a target are merged into one
-//! histogram, so machine noise affects both targets alike. Each measurement starts with a
-//! short warm-up that is not counted.
+//! direct, the bare-proxy (throughput only) and the gateway phase (ABBA order: reversed every
+//! other round), and the phases of a target are merged into one histogram, so machine noise
+//! affects all targets alike. Each measurement starts with a short warm-up that is not
+//! counted.
 //!
 //! CPU time is `utime + stime` of the process from `/proc/<pid>/stat` (in `CLK_TCK` ticks,
 //! normally 100 per second) read before and after each phase and divided by the answered
-//! requests: for the gateway, the fake upstream behind it and the load generator itself.
+//! requests: for the gateway (the bare proxy in its phases), the fake upstream behind it and
+//! the load generator itself.
 //! Memory is `VmRSS` (now) and `VmHWM` (peak) from `/proc/<pid>/status`. The gateway's own
 //! time per request comes from its `x-meta-chat-overhead-ms` response header and from the
 //! `meta_chat_overhead_seconds` histogram of `/metrics`, when the gateway provides them.
@@ -230,6 +235,13 @@ const FAKES: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The fakes a `bare-proxy` is started in front of (for the throughput part), and the name of
+/// that proxy process.
+const BARE_FRONTS: &[(&str, &str)] = &[
+    ("fake", "bare-fake"),
+    ("fake-stream20", "bare-fake-stream20"),
+];
+
 async fn run(plan: Plan, root: PathBuf) -> Result<()> {
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -238,7 +250,17 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
     let release = target.join("release");
     let gateway_bin = release.join("meta-chat");
     let fake_bin = release.join("meta-chat-fake");
-    for bin in [&gateway_bin, &fake_bin] {
+    let bare_bin = release.join("bare-proxy");
+    // The bare proxies serve the throughput part only.
+    let bare_fronts: &[(&str, &str)] = if plan.has("throughput") {
+        BARE_FRONTS
+    } else {
+        &[]
+    };
+    let needed = [&gateway_bin, &fake_bin]
+        .into_iter()
+        .chain((!bare_fronts.is_empty()).then_some(&bare_bin));
+    for bin in needed {
         if !bin.is_file() {
             return Err(format!("{} is missing (run without --no-build)", bin.display()).into());
         }
@@ -307,7 +329,30 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
         ],
         dir.path(),
     )?;
-    eprintln!("starting the gateway and {} fake upstreams…", FAKES.len());
+    let mut bare_addrs = Vec::new();
+    for (upstream, name) in bare_fronts {
+        let addr: SocketAddr = format!("127.0.0.1:{}", system::free_port()?).parse()?;
+        let args: Vec<String> = vec![
+            "--bind".into(),
+            addr.to_string(),
+            "--upstream".into(),
+            format!("http://{}", fake(upstream)?),
+        ];
+        procs.spawn(
+            name,
+            addr,
+            &bare_bin,
+            &args,
+            &[("RUST_LOG", "warn".into())],
+            dir.path(),
+        )?;
+        bare_addrs.push((*upstream, *name, addr));
+    }
+    eprintln!(
+        "starting the gateway, {} fake upstreams and {} bare proxies…",
+        FAKES.len(),
+        bare_addrs.len()
+    );
     procs.wait_ready(Duration::from_secs(60)).await?;
 
     let gateway_pid = procs.get("gateway")?.pid();
@@ -361,6 +406,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
         Ok::<_, load::Error>(Side {
             call: Arc::new(Call::post(addr, path, key, body.clone())?),
             upstream_pid: pid_of(upstream)?,
+            proxy_pid: None,
         })
     };
     // The same call straight to the fake `upstream` and through the gateway with `key`.
@@ -369,6 +415,23 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
             Some(side(fake(upstream)?, path, "fake", body, upstream)?),
             side(gateway_addr, path, key, body, upstream)?,
         ))
+    };
+    // The same call as `compared`, plus through the bare proxy in front of `upstream`.
+    let with_bare = |path: &'static str, key: &str, body: &Bytes, upstream: &str| {
+        let (direct, gateway) = compared(path, key, body, upstream)?;
+        let (_, name, addr) = bare_addrs
+            .iter()
+            .find(|(u, _, _)| *u == upstream)
+            .ok_or_else(|| format!("no bare proxy in front of {upstream}"))?;
+        let bare = Side {
+            proxy_pid: Some(pid_of(name)?),
+            ..side(*addr, path, "fake", body, upstream)?
+        };
+        Ok::<_, load::Error>(Sides {
+            direct,
+            bare: Some(bare),
+            gateway,
+        })
     };
     let conns = plan.connections;
     let closed = Load::Closed(conns);
@@ -436,18 +499,17 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     let pair = bench
                         .measure(
                             "non-stream (~1 KB)",
-                            compared(CHAT, &key_main, &small, "fake")?,
+                            with_bare(CHAT, &key_main, &small, "fake")?,
                             closed,
                             None,
                         )
                         .await?;
                     results.throughput.push(pair);
-                    let (direct, gateway) =
-                        compared(CHAT, &key_stream20, &small_stream, "fake-stream20")?;
+                    let sides = with_bare(CHAT, &key_stream20, &small_stream, "fake-stream20")?;
                     let pair = bench
                         .measure(
                             "stream, 20 chunks",
-                            (direct.map(|s| s.streamed(false)), gateway.streamed(false)),
+                            sides.map(|s| s.streamed(false)),
                             closed,
                             None,
                         )
@@ -705,6 +767,8 @@ fn embeddings_body() -> Value {
 struct Side {
     call: Arc<Call>,
     upstream_pid: u32,
+    /// The bare proxy between the client and the fake, whose CPU time its phases measure.
+    proxy_pid: Option<u32>,
 }
 
 impl Side {
@@ -721,6 +785,78 @@ impl Side {
         Self {
             call: Arc::new((*self.call).clone().expecting(statuses)),
             ..self
+        }
+    }
+}
+
+/// The targets of one measurement: straight to the fake (when there is an equivalent),
+/// through the bare proxy (the throughput part) and through the gateway.
+#[derive(Debug, Clone)]
+struct Sides {
+    direct: Option<Side>,
+    bare: Option<Side>,
+    gateway: Side,
+}
+
+impl From<(Option<Side>, Side)> for Sides {
+    /// Direct (or none) and gateway, no bare proxy.
+    fn from((direct, gateway): (Option<Side>, Side)) -> Self {
+        Self {
+            direct,
+            bare: None,
+            gateway,
+        }
+    }
+}
+
+impl Sides {
+    /// The same targets, each changed by `f`.
+    fn map(self, f: impl Fn(Side) -> Side) -> Self {
+        Self {
+            direct: self.direct.map(&f),
+            bare: self.bare.map(&f),
+            gateway: f(self.gateway),
+        }
+    }
+
+    /// The side of `target`, if the measurement has it.
+    fn get(&self, target: Target) -> Option<&Side> {
+        match target {
+            Target::Direct => self.direct.as_ref(),
+            Target::Bare => self.bare.as_ref(),
+            Target::Gateway => Some(&self.gateway),
+        }
+    }
+
+    /// The targets present, in phase order.
+    fn present(&self) -> impl Iterator<Item = (Target, &Side)> {
+        Target::ALL
+            .into_iter()
+            .filter_map(|target| self.get(target).map(|side| (target, side)))
+    }
+}
+
+/// Where a phase sends its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Straight to the fake upstream.
+    Direct,
+    /// Through the bare proxy in front of the fake.
+    Bare,
+    /// Through the gateway.
+    Gateway,
+}
+
+impl Target {
+    /// Phase order of even rounds (odd rounds run it reversed).
+    const ALL: [Self; 3] = [Self::Direct, Self::Bare, Self::Gateway];
+
+    /// `direct`, `bare-proxy` or `gateway` (the `target` of its [`Summary`]).
+    fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Bare => "bare-proxy",
+            Self::Gateway => "gateway",
         }
     }
 }
@@ -765,20 +901,18 @@ struct Accumulated {
 
 impl Bench {
     /// Checks each target with one request (the expected status, and `must_contain` in a
-    /// 200 answer), warms both up, then runs the rounds: direct and gateway phases
-    /// alternating in ABBA order, merged per target.
+    /// 200 answer), warms them up, then runs the rounds: direct, bare-proxy and gateway
+    /// phases in ABBA order (reversed every other round), merged per target.
     async fn measure(
         &self,
         name: &str,
-        (direct, gateway): (Option<Side>, Side),
+        sides: impl Into<Sides>,
         load: Load,
         must_contain: Option<&str>,
     ) -> Result<Pair> {
-        for (label, side) in direct
-            .iter()
-            .map(|d| ("direct", d))
-            .chain(std::iter::once(("gateway", &gateway)))
-        {
+        let sides = sides.into();
+        for (target, side) in sides.present() {
+            let label = target.label();
             let (status, _, body) = load::probe(&side.call)
                 .await
                 .map_err(|e| format!("{label}: {e}"))?;
@@ -802,7 +936,7 @@ impl Bench {
             }
         }
         if !self.warmup.is_zero() {
-            for side in direct.iter().chain(std::iter::once(&gateway)) {
+            for (_, side) in sides.present() {
                 let warm = match load {
                     Load::Closed(n) => n.min(8),
                     Load::Open(_) => 8,
@@ -818,30 +952,30 @@ impl Bench {
             })
         };
         let mut on_direct = fresh()?;
+        let mut on_bare = fresh()?;
         let mut on_gateway = fresh()?;
         for round in 0..self.rounds {
-            let order = if round.is_multiple_of(2) {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            for through_gateway in order {
-                let (side, acc) = if through_gateway {
-                    (&gateway, &mut on_gateway)
-                } else {
-                    match &direct {
-                        Some(direct) => (direct, &mut on_direct),
-                        None => continue,
-                    }
+            let mut order = Target::ALL;
+            if !round.is_multiple_of(2) {
+                order.reverse();
+            }
+            for target in order {
+                let Some(side) = sides.get(target) else {
+                    continue;
                 };
-                self.phase(side, through_gateway, load, acc).await?;
+                let acc = match target {
+                    Target::Direct => &mut on_direct,
+                    Target::Bare => &mut on_bare,
+                    Target::Gateway => &mut on_gateway,
+                };
+                self.phase(side, target, load, acc).await?;
                 let s = &acc.stats;
                 eprintln!(
                     "   {name} [{}] round {}/{} {}: {} ok, {} errors, {:.0} req/s so far, p50 {:.3} ms, p99 {:.3} ms",
                     load.label(),
                     round + 1,
                     self.rounds,
-                    if through_gateway { "gateway" } else { "direct" },
+                    target.label(),
                     s.completed,
                     s.errors,
                     s.completed as f64 / s.elapsed.as_secs_f64().max(1e-9),
@@ -850,23 +984,25 @@ impl Bench {
                 );
             }
         }
-        let summary = |target: &str, acc: &Accumulated, gateway: bool| {
+        let summary = |target: Target, acc: &Accumulated| {
             Summary::new(
-                target,
+                target.label(),
                 acc.phases,
                 &acc.stats,
                 &acc.costs,
-                gateway,
+                target == Target::Gateway,
                 self.ticks_per_second,
             )
         };
         Ok(Pair {
             name: name.to_owned(),
             load: load.label(),
-            direct: direct
+            direct: sides
+                .direct
                 .as_ref()
-                .map(|_| summary("direct", &on_direct, false)),
-            gateway: summary("gateway", &on_gateway, true),
+                .map(|_| summary(Target::Direct, &on_direct)),
+            bare: sides.bare.as_ref().map(|_| summary(Target::Bare, &on_bare)),
+            gateway: summary(Target::Gateway, &on_gateway),
         })
     }
 
@@ -874,16 +1010,25 @@ impl Bench {
     async fn phase(
         &self,
         side: &Side,
-        through_gateway: bool,
+        target: Target,
         load: Load,
         acc: &mut Accumulated,
     ) -> Result<()> {
+        let through_gateway = target == Target::Gateway;
+        let proxy_pid = match target {
+            Target::Bare => Some(
+                side.proxy_pid
+                    .ok_or("a bare-proxy phase without the proxy's pid")?,
+            ),
+            Target::Direct | Target::Gateway => None,
+        };
         let metric_before = if through_gateway {
             overhead_metric(self.gateway_addr).await
         } else {
             None
         };
         let gateway0 = cpu_ticks(self.gateway_pid)?;
+        let proxy0 = proxy_pid.map(cpu_ticks).transpose()?;
         let upstream0 = cpu_ticks(side.upstream_pid)?;
         let own0 = own_cpu_ticks()?;
         let stats = match load {
@@ -896,6 +1041,7 @@ impl Bench {
             }
         };
         let gateway1 = cpu_ticks(self.gateway_pid)?;
+        let proxy1 = proxy_pid.map(cpu_ticks).transpose()?;
         let upstream1 = cpu_ticks(side.upstream_pid)?;
         let own1 = own_cpu_ticks()?;
         let costs = &mut acc.costs;
@@ -907,6 +1053,9 @@ impl Bench {
                 let (sum, count) = costs.metric.unwrap_or((0.0, 0.0));
                 costs.metric = Some((sum + sum1 - sum0, count + count1 - count0));
             }
+        }
+        if let (Some(proxy0), Some(proxy1)) = (proxy0, proxy1) {
+            *costs.bare_ticks.get_or_insert(0) += proxy1.saturating_sub(proxy0);
         }
         costs.upstream_ticks += upstream1.saturating_sub(upstream0);
         costs.bench_ticks += own1.saturating_sub(own0);

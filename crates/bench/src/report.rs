@@ -44,11 +44,11 @@ impl Pcts {
     }
 }
 
-/// One target (straight to the fake, or through the gateway) over all rounds of a
-/// measurement.
+/// One target (straight to the fake, through the bare proxy, or through the gateway) over all
+/// rounds of a measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    /// `direct` or `gateway`.
+    /// `direct`, `bare-proxy` or `gateway`.
     pub target: String,
     /// Phases merged.
     pub phases: u32,
@@ -76,6 +76,9 @@ pub struct Summary {
     pub send_lag_ms: Option<Pcts>,
     /// Gateway CPU time (user + system) per answered request.
     pub gateway_cpu_ms_per_request: Option<f64>,
+    /// The bare proxy's CPU time (user + system) per answered request (its own phases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bare_cpu_ms_per_request: Option<f64>,
     /// CPU time of the fake upstream behind, per answered request.
     pub upstream_cpu_ms_per_request: Option<f64>,
     /// CPU time of this load generator per answered request.
@@ -95,6 +98,8 @@ pub struct Summary {
 pub struct Costs {
     /// Gateway ticks during gateway phases.
     pub gateway_ticks: u64,
+    /// Bare-proxy ticks during bare-proxy phases (`None`: no such phase).
+    pub bare_ticks: Option<u64>,
     /// Upstream fake ticks.
     pub upstream_ticks: u64,
     /// Own ticks.
@@ -150,6 +155,7 @@ impl Summary {
             } else {
                 None
             },
+            bare_cpu_ms_per_request: costs.bare_ticks.and_then(per_request),
             upstream_cpu_ms_per_request: per_request(costs.upstream_ticks),
             bench_cpu_ms_per_request: per_request(costs.bench_ticks),
             gateway_memory: costs.memory,
@@ -160,7 +166,8 @@ impl Summary {
     }
 }
 
-/// A measurement straight to the fake and through the gateway (or the gateway alone).
+/// A measurement straight to the fake and through the gateway (or the gateway alone), and
+/// through the bare proxy where it is measured too.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pair {
     /// What was sent.
@@ -169,8 +176,22 @@ pub struct Pair {
     pub load: String,
     /// Straight to the fake upstream, when there is an equivalent.
     pub direct: Option<Summary>,
+    /// Through the bare proxy (`bare-proxy`, the floor of the gateway's HTTP stack), when
+    /// measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bare: Option<Summary>,
     /// Through the gateway.
     pub gateway: Summary,
+}
+
+impl Pair {
+    /// The targets measured: direct, bare proxy, gateway.
+    fn summaries(&self) -> impl Iterator<Item = &Summary> {
+        self.direct
+            .iter()
+            .chain(&self.bare)
+            .chain(std::iter::once(&self.gateway))
+    }
 }
 
 /// The many-concurrent-streams measurement.
@@ -339,8 +360,10 @@ impl Results {
         );
         let _ = writeln!(
             out,
-            "Latencies in ms. CPU = gateway user+system time per answered request (ms). \
-             overhead = x-meta-chat-overhead-ms p50 / p99 (n/a: header absent)."
+            "Latencies in ms. CPU = gateway user+system time per answered request (ms); \
+             bare CPU = the same for bare-proxy, a plain axum + reqwest pass-through (the floor \
+             of the gateway's HTTP stack). overhead = x-meta-chat-overhead-ms p50 / p99 (n/a: \
+             header absent)."
         );
 
         if !self.open_loop.is_empty() {
@@ -404,25 +427,33 @@ impl Results {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "| request | load | direct req/s | gateway req/s | gateway/direct | direct p50 / p99 | gateway p50 / p99 | TTFB direct p50 / p99 | TTFB gateway p50 / p99 | CPU | overhead | errors d / g |"
+                "| request | load | direct req/s | bare req/s | bare/direct | gateway req/s | gateway/direct | direct p50 / p99 | gateway p50 / p99 | TTFB direct p50 / p99 | TTFB gateway p50 / p99 | bare CPU | CPU | overhead | errors d / b / g |"
             );
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                out,
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            );
             for pair in &self.throughput {
                 let g = &pair.gateway;
                 let d = pair.direct.as_ref();
+                let b = pair.bare.as_ref();
                 let stream = g.ttfb_ms.is_some();
+                let to_direct = |s: &Summary| {
+                    d.filter(|d| d.requests_per_second > 0.0)
+                        .map_or("–".into(), |d| {
+                            format!("{:.2}", s.requests_per_second / d.requests_per_second)
+                        })
+                };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} |",
                     pair.name,
                     pair.load,
                     d.map_or("–".into(), |d| rate(d.requests_per_second)),
+                    b.map_or("–".into(), |b| rate(b.requests_per_second)),
+                    b.map_or("–".into(), to_direct),
                     rate(g.requests_per_second),
-                    d.filter(|d| d.requests_per_second > 0.0)
-                        .map_or("–".into(), |d| format!(
-                            "{:.2}",
-                            g.requests_per_second / d.requests_per_second
-                        )),
+                    to_direct(g),
                     d.map_or("–".into(), |d| p50_p99(d.latency_ms)),
                     p50_p99(g.latency_ms),
                     if stream {
@@ -435,9 +466,11 @@ impl Results {
                     } else {
                         "–".into()
                     },
+                    cpu(b.and_then(|b| b.bare_cpu_ms_per_request)),
                     cpu(g.gateway_cpu_ms_per_request),
                     overhead(g),
                     d.map_or("–".into(), |d| count(d.errors)),
+                    b.map_or("–".into(), |b| count(b.errors)),
                     count(g.errors),
                 );
             }
@@ -575,9 +608,7 @@ impl Results {
             .chain(&self.throughput)
             .chain(&self.scenarios)
             .flat_map(|p| {
-                p.direct
-                    .iter()
-                    .chain(std::iter::once(&p.gateway))
+                p.summaries()
                     .filter(|s| !s.error_samples.is_empty())
                     .map(move |s| {
                         format!(

@@ -34,7 +34,8 @@ pub fn target_dir(root: &Path) -> PathBuf {
     }
 }
 
-/// Builds the gateway and the fake upstream in release mode with the cargo that runs us.
+/// Builds the gateway, the fake upstream and the bare proxy (this crate's `bare-proxy`) in
+/// release mode with the cargo that runs us.
 pub fn build_binaries(root: &Path) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let args = [
@@ -48,6 +49,10 @@ pub fn build_binaries(root: &Path) -> Result<()> {
         "meta-chat-testkit",
         "--bin",
         "meta-chat-fake",
+        "-p",
+        "meta-chat-bench",
+        "--bin",
+        "bare-proxy",
     ];
     eprintln!("$ cargo {}", args.join(" "));
     let status = Command::new(&cargo)

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: a request allocates and frees many small
 /// buffers across threads, where glibc's malloc spent about a sixth of the gateway's CPU
-/// (`BENCHMARKS.md`).
+/// (`BENCHMARKS.md`). Built without the `mimalloc` feature, the system allocator is used
+/// (for heap profilers such as heaptrack).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

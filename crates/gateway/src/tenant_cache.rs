@@ -14,7 +14,7 @@
 //!
 //! While the database is unreachable the cache keeps answering for the tenants it holds; keys it
 //! has not seen get 503 from the caller. Entries hold settings as stored, provider keys still
-//! encrypted: they are decrypted per request, for as long as the request needs them.
+//! encrypted; [`crate::tenants::Tenants::open_shared`] opens them once per version of a tenant.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};

@@ -1,7 +1,8 @@
 //! Tenant management shared by the HTTP API and the command line: settings validated and
 //! merged, provider keys encrypted at rest and masked when shown, API keys hashed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
@@ -75,7 +76,15 @@ pub struct Tenants {
     store: Arc<dyn Store>,
     cipher: Arc<Cipher>,
     cache: Option<Arc<TenantCache>>,
+    /// Settings already opened, by tenant id, with the `updated_at` they were opened at.
+    opened: Arc<RwLock<HashMap<String, Opened>>>,
 }
+
+/// A tenant's opened settings and the version of the tenant they were opened from.
+type Opened = (DateTime<Utc>, Arc<TenantSettings>);
+
+/// Tenants whose opened settings are kept; past it the memo starts over.
+const MAX_OPENED: usize = 10_000;
 
 impl Tenants {
     /// Tenant operations on this store, with this cipher for provider keys.
@@ -84,6 +93,7 @@ impl Tenants {
             store,
             cipher,
             cache: None,
+            opened: Arc::default(),
         }
     }
 
@@ -183,6 +193,9 @@ impl Tenants {
         if let Some(cache) = &self.cache {
             cache.remove(id);
         }
+        if let Ok(mut opened) = self.opened.write() {
+            opened.remove(id);
+        }
         Ok(())
     }
 
@@ -193,6 +206,34 @@ impl Tenants {
         for (field, value) in settings.secrets_mut() {
             let plain = self.cipher.decrypt(&tenant.id, &field, value)?;
             *value = plain.expose_secret().to_owned();
+        }
+        Ok(settings)
+    }
+
+    /// [`Tenants::open`] for the request path: the settings are parsed and their keys
+    /// decrypted once per version of the tenant (`updated_at` changes with every change of
+    /// its settings, keys included) and shared by its requests, as the tenant itself is.
+    pub fn open_shared(&self, tenant: &Tenant) -> Result<Arc<TenantSettings>, TenantError> {
+        let known = self.opened.read().ok().and_then(|opened| {
+            opened
+                .get(&tenant.id)
+                .filter(|(version, _)| *version == tenant.updated_at)
+                .map(|(_, settings)| settings.clone())
+        });
+        if let Some(settings) = known {
+            return Ok(settings);
+        }
+        let settings = Arc::new(self.open(tenant)?);
+        if let Ok(mut opened) = self.opened.write() {
+            if opened.len() >= MAX_OPENED && !opened.contains_key(&tenant.id) {
+                opened.clear();
+            }
+            let newer = opened
+                .get(&tenant.id)
+                .is_some_and(|(version, _)| *version > tenant.updated_at);
+            if !newer {
+                opened.insert(tenant.id.clone(), (tenant.updated_at, settings.clone()));
+            }
         }
         Ok(settings)
     }

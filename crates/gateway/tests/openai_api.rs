@@ -232,6 +232,38 @@ async fn switching_provider_takes_effect_on_the_next_request() {
 }
 
 #[tokio::test]
+async fn a_changed_provider_key_is_sent_from_the_next_request() {
+    let gw = Gateway::start().await;
+    let settings = |key: &str| json!({"llm": {"provider": "openai", "apiKey": key}});
+    let (id, key) = gw.tenant(settings("sk-tenant-first")).await;
+    let sent_key = || {
+        gw.fake
+            .requests_to("/v1/chat/completions")
+            .last()
+            .unwrap()
+            .header("authorization")
+            .map(str::to_owned)
+    };
+    for _ in 0..2 {
+        let answer = gw.chat(&key, &hello(json!({}))).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(sent_key().as_deref(), Some("Bearer sk-tenant-first"));
+    }
+    let put = gw
+        .send(
+            reqwest::Method::PUT,
+            &format!("/api/tenants/{id}"),
+            Some(ADMIN_KEY),
+            Some(json!({"settings": settings("sk-tenant-second")}).to_string()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text);
+    let answer = gw.chat(&key, &hello(json!({}))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(sent_key().as_deref(), Some("Bearer sk-tenant-second"));
+}
+
+#[tokio::test]
 async fn upstream_failures_fall_back_but_invalid_requests_do_not() {
     let gw = Gateway::start().await;
     let (_, key) = gw

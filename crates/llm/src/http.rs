@@ -1,7 +1,8 @@
 //! The HTTP plumbing every provider shares: one pooled client, error classification,
 //! SSE and NDJSON framing.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 
 use bytes::Bytes;
 use futures::{Stream, TryStreamExt};
@@ -40,6 +41,39 @@ pub(crate) fn client(provider: ProviderKind) -> Result<reqwest::Client> {
             provider,
             message: format!("could not build the HTTP client: {message}"),
         })
+}
+
+/// A request to `url` (an upstream endpoint): parsed once per process and then cloned, where
+/// reqwest would parse the string (host name normalisation included) on every request. A URL
+/// that does not parse is handed over as it is, for reqwest to report.
+pub(crate) fn request_to(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+) -> reqwest::RequestBuilder {
+    /// Distinct endpoints kept; past it the cache starts over (base URLs come from settings).
+    const MAX_ENDPOINTS: usize = 1024;
+    static PARSED: OnceLock<RwLock<HashMap<String, reqwest::Url>>> = OnceLock::new();
+    let parsed = PARSED.get_or_init(Default::default);
+    let known = parsed
+        .read()
+        .ok()
+        .and_then(|endpoints| endpoints.get(&url).cloned());
+    if let Some(known) = known {
+        return client.request(method, known);
+    }
+    match reqwest::Url::parse(&url) {
+        Ok(fresh) => {
+            if let Ok(mut endpoints) = parsed.write() {
+                if endpoints.len() >= MAX_ENDPOINTS {
+                    endpoints.clear();
+                }
+                endpoints.insert(url, fresh.clone());
+            }
+            client.request(method, fresh)
+        }
+        Err(_) => client.request(method, url),
+    }
 }
 
 /// Installs rustls' ring crypto provider for the process, unless one is installed already.

@@ -403,7 +403,9 @@ impl FakeServer {
                 tracing::debug!(%error, "cannot set TCP_NODELAY");
             }
         });
-        let app = router(shared.clone());
+        // Built once, not per connection (served as a `Router`, axum rebuilds its routes for
+        // every connection).
+        let app = router(shared.clone()).with_state(()).into_make_service();
         let task = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
                 tracing::error!(%error, "fake server stopped");

@@ -73,8 +73,19 @@ pub struct Arrival(
 impl Arrival {
     /// Now, with a fresh request id.
     pub fn now() -> Self {
-        Self(Instant::now(), chrono::Utc::now(), uuid::Uuid::now_v7())
+        let wall = chrono::Utc::now();
+        Self(Instant::now(), wall, request_id(wall))
     }
+}
+
+/// A UUID v7 for a request: its millisecond and 74 random bits from the thread's fast
+/// generator. An id needs to be unique, not unpredictable; `Uuid::now_v7` asks the kernel for
+/// random bytes (a system call per request).
+fn request_id(at: chrono::DateTime<chrono::Utc>) -> uuid::Uuid {
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    let mut random = [0u8; 10];
+    fastrand::fill(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 /// The gateway's own time for a request, as answered in [`OVERHEAD_HEADER`].
@@ -271,8 +282,11 @@ pub(super) fn build_chain(
 }
 
 /// The tenant's settings with keys decrypted; 500 (logged) when they cannot be read.
-pub(super) fn open_settings(state: &AppState, tenant: &Tenant) -> Result<TenantSettings, ApiError> {
-    state.tenants.open(tenant).map_err(|error| {
+pub(super) fn open_settings(
+    state: &AppState,
+    tenant: &Tenant,
+) -> Result<Arc<TenantSettings>, ApiError> {
+    state.tenants.open_shared(tenant).map_err(|error| {
         tracing::error!(tenant = %tenant.id, %error, "cannot open the tenant's settings");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -721,5 +735,19 @@ mod tests {
     fn messages_lose_their_keys() {
         let scrubbed = scrub("key [redacted] and sk-proj-xyz failed");
         assert_eq!(scrubbed, "key [redacted] and [redacted] failed");
+    }
+
+    #[test]
+    fn request_ids_are_distinct_v7_ids_of_their_millisecond() {
+        let at = chrono::Utc::now();
+        let ids: std::collections::HashSet<uuid::Uuid> =
+            (0..10_000).map(|_| request_id(at)).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(10) {
+            assert_eq!(id.get_version(), Some(uuid::Version::SortRand));
+            let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+            let millis = i64::try_from(secs).unwrap() * 1000 + i64::from(nanos / 1_000_000);
+            assert_eq!(millis, at.timestamp_millis());
+        }
     }
 }

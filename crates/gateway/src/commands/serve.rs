@@ -51,7 +51,12 @@ pub async fn run() -> ExitCode {
             tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
         }
     });
-    let served = axum::serve(listener, meta_chat::api::router(state))
+    // The router is built once: served as a `Router` itself, axum would rebuild its route
+    // table for every connection (7 kB and a few microseconds each, BENCHMARKS.md).
+    let app = meta_chat::api::router(state)
+        .with_state(())
+        .into_make_service();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     // Every request has finished: write the usage records still queued.

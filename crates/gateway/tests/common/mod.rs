@@ -65,7 +65,9 @@ pub async fn serve_state_with_clock(
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = meta_chat::api::router(state.clone());
+    let router = meta_chat::api::router(state.clone())
+        .with_state(())
+        .into_make_service();
     // As `meta-chat serve` does: no Nagle delay on streamed answers.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         tcp.set_nodelay(true).unwrap();

@@ -69,9 +69,8 @@ impl AnthropicProvider {
             })?;
         let body = messages_body(&self.config, request, stream)?;
         tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
-        let mut builder = self
-            .client
-            .post(format!("{}/v1/messages", self.base_url))
+        let url = format!("{}/v1/messages", self.base_url);
+        let mut builder = http::request_to(&self.client, reqwest::Method::POST, url)
             .header("x-api-key", key)
             .header("anthropic-version", API_VERSION)
             .header(CONTENT_TYPE, "application/json")

@@ -55,9 +55,7 @@ impl OllamaProvider {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let builder = self
-            .client
-            .request(method, format!("{}{path}", self.base_url));
+        let builder = http::request_to(&self.client, method, format!("{}{path}", self.base_url));
         match &self.config.api_key {
             Some(key) => builder.bearer_auth(key.expose_secret()),
             None => builder,

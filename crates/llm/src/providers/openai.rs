@@ -56,10 +56,9 @@ impl OpenAiProvider {
                 provider: PROVIDER,
                 message: "no API key configured: set OPENAI_API_KEY".into(),
             })?;
-        let mut builder = self
-            .client
-            .request(method, format!("{}{path}", self.base_url))
-            .bearer_auth(key);
+        let mut builder =
+            http::request_to(&self.client, method, format!("{}{path}", self.base_url))
+                .bearer_auth(key);
         if let Some(org) = self
             .config
             .organization
