@@ -31,8 +31,9 @@
 //! A family appears in the exposition once it has a series: labelled families stay absent
 //! until their first observation.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use meta_chat_llm::{PriceTable, ProviderKind};
@@ -127,6 +128,49 @@ pub struct Metrics {
     usage_dropped: Counter,
     usage_written: Counter,
     redis_errors: Family<OperationLabels, Counter>,
+    /// Handles of the series a tenant's requests to a provider and model record into.
+    series: SeriesMemo,
+}
+
+/// A tenant's requests to one provider and model (as the request named it) record into the
+/// same series every time: their handles are resolved on the first request and kept here, so
+/// later requests cost a map lookup and atomic adds instead of a price-table lookup and a
+/// labelled look-up (with owned label strings) per family. Each handle is created on first
+/// use, so a series still appears only once it has an observation.
+#[derive(Debug, Default)]
+struct SeriesMemo {
+    entries: std::sync::RwLock<MemoEntries>,
+}
+
+#[derive(Debug, Default)]
+struct MemoEntries {
+    /// By tenant id, then by provider, then by model name.
+    by_tenant: HashMap<String, [HashMap<String, Arc<Series>>; 3]>,
+    /// How many series `by_tenant` holds.
+    len: usize,
+}
+
+/// Models remembered across tenants and providers; past it the memo starts over (the families
+/// keep every series; only the shortcuts to them are dropped).
+const MAX_MEMOIZED_SERIES: usize = 10_000;
+
+#[derive(Debug)]
+struct Series {
+    /// The `model` label ([`Metrics::model_label`]).
+    model: String,
+    duration: OnceLock<Histogram>,
+    time_to_first_token: OnceLock<Histogram>,
+    /// Input, output and embedding tokens.
+    tokens: [OnceLock<Counter>; 3],
+    cost: OnceLock<UsdCounter>,
+}
+
+fn provider_index(provider: ProviderKind) -> usize {
+    match provider {
+        ProviderKind::OpenAi => 0,
+        ProviderKind::Anthropic => 1,
+        ProviderKind::Ollama => 2,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -368,6 +412,7 @@ impl Metrics {
             usage_dropped,
             usage_written,
             redis_errors,
+            series: SeriesMemo::default(),
         }
     }
 
@@ -392,19 +437,58 @@ impl Metrics {
         }
     }
 
+    /// The memoized series of `tenant`'s requests to `model` at `provider`.
+    fn series(&self, tenant: &str, provider: ProviderKind, model: &str) -> Arc<Series> {
+        let at = provider_index(provider);
+        let memo = &self.series.entries;
+        let known = memo.read().ok().and_then(|entries| {
+            entries
+                .by_tenant
+                .get(tenant)
+                .and_then(|by_provider| by_provider[at].get(model).cloned())
+        });
+        if let Some(series) = known {
+            return series;
+        }
+        let series = Arc::new(Series {
+            model: self.model_label(Some(provider), model),
+            duration: OnceLock::new(),
+            time_to_first_token: OnceLock::new(),
+            tokens: Default::default(),
+            cost: OnceLock::new(),
+        });
+        if let Ok(mut entries) = memo.write() {
+            if entries.len >= MAX_MEMOIZED_SERIES {
+                *entries = MemoEntries::default();
+            }
+            // Another request may have put it there since the read: keep the first.
+            let by_model = &mut entries.by_tenant.entry(tenant.to_owned()).or_default()[at];
+            if let Some(first) = by_model.get(model) {
+                return first.clone();
+            }
+            by_model.insert(model.to_owned(), series.clone());
+            entries.len += 1;
+        }
+        series
+    }
+
     /// Records one request: its count, latencies, tokens, cost and fallback.
     ///
     /// Latencies and the fallback need a provider; token and cost series are created only
     /// for non-zero amounts.
     pub fn record_request(&self, r: &RequestObservation<'_>) {
         let provider = provider_label(r.provider);
-        let model = self.model_label(r.provider, r.model);
         let tenant = r.tenant.unwrap_or_default();
+        let series = r.provider.map(|to| self.series(tenant, to, r.model));
+        let model = match &series {
+            Some(series) => series.model.clone(),
+            None => self.model_label(None, r.model),
+        };
         self.requests
             .get_or_create(&RequestLabels {
                 endpoint: r.endpoint,
                 provider,
-                model: model.clone(),
+                model,
                 status: r.status,
                 error_kind: r.error_kind.unwrap_or_default(),
             })
@@ -416,45 +500,67 @@ impl Metrics {
                 })
                 .observe(overhead.as_secs_f64());
         }
-        let Some(to) = r.provider else {
+        let (Some(to), Some(series)) = (r.provider, series) else {
             return;
         };
-        let provider_model = ProviderModelLabels {
+        let provider_model = || ProviderModelLabels {
             provider,
-            model: model.clone(),
+            model: series.model.clone(),
         };
         if let Some(latency) = r.upstream_latency {
-            self.request_duration
-                .get_or_create(&provider_model)
+            series
+                .duration
+                .get_or_init(|| {
+                    self.request_duration
+                        .get_or_create(&provider_model())
+                        .clone()
+                })
                 .observe(latency.as_secs_f64());
         }
         if let Some(ttft) = r.time_to_first_token {
-            self.time_to_first_token
-                .get_or_create(&provider_model)
+            series
+                .time_to_first_token
+                .get_or_init(|| {
+                    self.time_to_first_token
+                        .get_or_create(&provider_model())
+                        .clone()
+                })
                 .observe(ttft.as_secs_f64());
         }
-        for (kind, amount) in [
+        for ((kind, amount), handle) in [
             ("input", r.input_tokens),
             ("output", r.output_tokens),
             ("embedding", r.embedding_tokens),
-        ] {
+        ]
+        .into_iter()
+        .zip(&series.tokens)
+        {
             if amount > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        tenant: tenant.to_owned(),
-                        provider,
-                        model: model.clone(),
-                        kind,
+                handle
+                    .get_or_init(|| {
+                        self.tokens
+                            .get_or_create(&TokenLabels {
+                                tenant: tenant.to_owned(),
+                                provider,
+                                model: series.model.clone(),
+                                kind,
+                            })
+                            .clone()
                     })
                     .inc_by(amount);
             }
         }
         if r.cost_nano_usd > 0 {
-            self.cost
-                .get_or_create(&TenantProviderModelLabels {
-                    tenant: tenant.to_owned(),
-                    provider,
-                    model,
+            series
+                .cost
+                .get_or_init(|| {
+                    self.cost
+                        .get_or_create(&TenantProviderModelLabels {
+                            tenant: tenant.to_owned(),
+                            provider,
+                            model: series.model.clone(),
+                        })
+                        .clone()
                 })
                 .add_nanos(r.cost_nano_usd);
         }
@@ -606,6 +712,68 @@ mod tests {
             cost_nano_usd: 450_000,
             ..RequestObservation::default()
         }
+    }
+
+    #[test]
+    fn memoized_series_keep_counting_and_appear_only_once_observed() {
+        let m = metrics();
+        // A non-streamed request: no time to first token, no embedding tokens.
+        let plain = RequestObservation {
+            time_to_first_token: None,
+            ..chat()
+        };
+        m.record_request(&plain);
+        let text = m.encode();
+        assert!(samples(&text, "meta_chat_time_to_first_token_seconds").is_empty());
+        assert!(samples(&text, "meta_chat_tokens_total{tenant=\"t1\",provider=\"openai\",model=\"gpt-4o-mini\",kind=\"embedding\"}").is_empty());
+        // The same tenant and model again, streamed, and another tenant: the handles are
+        // the memoized ones, the families the same.
+        m.record_request(&chat());
+        m.record_request(&RequestObservation {
+            tenant: Some("t2"),
+            ..chat()
+        });
+        // A model the table does not know is labelled `other`, memoized or not.
+        for _ in 0..2 {
+            m.record_request(&RequestObservation {
+                model: "my-finetune",
+                ..chat()
+            });
+        }
+        let text = m.encode();
+        let pm = r#"{provider="openai",model="gpt-4o-mini"}"#;
+        assert_eq!(
+            value(
+                &text,
+                &format!("meta_chat_request_duration_seconds_count{pm}")
+            ),
+            3.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("meta_chat_time_to_first_token_seconds_count{pm}")
+            ),
+            2.0
+        );
+        for (tenant, input) in [("t1", 2000.0), ("t2", 1000.0)] {
+            assert_eq!(
+                value(
+                    &text,
+                    &format!(
+                        r#"meta_chat_tokens_total{{tenant="{tenant}",provider="openai",model="gpt-4o-mini",kind="input"}}"#
+                    )
+                ),
+                input
+            );
+        }
+        assert_eq!(
+            value(
+                &text,
+                r#"meta_chat_tokens_total{tenant="t1",provider="openai",model="other",kind="input"}"#
+            ),
+            2000.0
+        );
     }
 
     #[test]

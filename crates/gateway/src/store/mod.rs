@@ -456,9 +456,29 @@ pub struct DashboardSession {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-/// Rows per multi-row `INSERT` of usage records: 19 values each stays far below both
+/// Most rows per multi-row `INSERT` of usage records: 19 values each stays far below both
 /// databases' limit on bound parameters.
-pub const USAGE_INSERT_CHUNK: usize = 500;
+pub const USAGE_INSERT_CHUNK: usize = 256;
+
+/// `items` in slices whose lengths are powers of two up to [`USAGE_INSERT_CHUNK`], largest
+/// first. A multi-row `INSERT` has one statement text per row count, and the connection keeps
+/// each text it has prepared: with these few lengths every batch reuses prepared statements,
+/// where one of an arbitrary length had SQLite parse a statement of thousands of
+/// placeholders for each batch (more instructions than the inserts themselves).
+pub fn insert_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let len = rest.len().min(USAGE_INSERT_CHUNK);
+        // The largest power of two not above `len` (`len` ≥ 1).
+        let take = 1usize << (usize::BITS - 1 - len.leading_zeros());
+        let (chunk, tail) = rest.split_at(take);
+        rest = tail;
+        Some(chunk)
+    })
+}
 
 /// Persistent state of the gateway: tenants, instance-wide settings and (later) usage records.
 #[async_trait]
@@ -662,6 +682,22 @@ mod tests {
 
     fn day(text: &str) -> NaiveDate {
         NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn insert_chunks_cover_every_item_in_order_with_few_lengths() {
+        assert_eq!(insert_chunks::<u32>(&[]).count(), 0);
+        for n in [1usize, 2, 3, 255, 256, 257, 700, 1000, 1023] {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = insert_chunks(&items).collect();
+            assert_eq!(chunks.concat(), items, "{n} items");
+            for chunk in &chunks {
+                assert!(chunk.len().is_power_of_two() && chunk.len() <= USAGE_INSERT_CHUNK);
+            }
+            assert!(chunks.windows(2).all(|w| w[0].len() >= w[1].len()));
+        }
+        let lengths: Vec<usize> = insert_chunks(&[0u8; 700]).map(<[u8]>::len).collect();
+        assert_eq!(lengths, [256, 256, 128, 32, 16, 8, 4]);
     }
 
     #[test]

@@ -17,9 +17,9 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{
     ADMIN_KEY_HASH, ConversationPage, ConversationUsage, DashboardSession, EmbeddedMigration,
     NewTenant, ProviderLatency, RangePart, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
-    USAGE_INSERT_CHUNK, UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals,
-    conversation_batch, db_err, latency_batch, merge_groups, migrator, next_updated_at, now,
-    plan_range, providers_from_buckets, rollup_batch,
+    UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals, conversation_batch, db_err,
+    insert_chunks, latency_batch, merge_groups, migrator, next_updated_at, now, plan_range,
+    providers_from_buckets, rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -423,7 +423,7 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)?;
-        for chunk in records.chunks(USAGE_INSERT_CHUNK) {
+        for chunk in insert_chunks(records) {
             let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO usage_records (tenant_id, conversation_id, request_id, endpoint, provider, model, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, latency_ms, ttft_ms, status, error_kind, cache_hit, fallback_from, tokens_estimated, created_at) ",
             );
@@ -449,7 +449,7 @@ impl Store for SqliteStore {
             });
             insert.build().execute(&mut *tx).await.map_err(db_err)?;
         }
-        for chunk in rollup_batch(records).chunks(USAGE_INSERT_CHUNK) {
+        for chunk in insert_chunks(&rollup_batch(records)) {
             let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd) ",
             );
@@ -472,7 +472,7 @@ impl Store for SqliteStore {
             upsert.push(ROLLUP_CONFLICT);
             upsert.build().execute(&mut *tx).await.map_err(db_err)?;
         }
-        for chunk in conversation_batch(records).chunks(USAGE_INSERT_CHUNK) {
+        for chunk in insert_chunks(&conversation_batch(records)) {
             let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO usage_conversation_daily (tenant_id, day, conversation_id, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, first_at, last_at) ",
             );
@@ -494,7 +494,7 @@ impl Store for SqliteStore {
             upsert.push(CONVERSATION_CONFLICT);
             upsert.build().execute(&mut *tx).await.map_err(db_err)?;
         }
-        for chunk in latency_batch(records).chunks(USAGE_INSERT_CHUNK) {
+        for chunk in insert_chunks(&latency_batch(records)) {
             let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO usage_latency_daily (day, provider, bucket_ms, requests) ",
             );
