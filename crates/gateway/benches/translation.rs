@@ -402,7 +402,15 @@ struct RequestPath {
     cases: Vec<(&'static str, Vec<u8>)>,
 }
 
-impl RequestPath {
+impl BodyPath for RequestPath {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn cases(&self) -> &[(&'static str, Vec<u8>)] {
+        &self.cases
+    }
+
     /// The client body as the upstream's (non-streaming) request body.
     fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String> {
         let request = (self.parse)(body)?;
@@ -653,7 +661,16 @@ struct ResponsePath {
     cases: Vec<(&'static str, Vec<u8>)>,
 }
 
-impl ResponsePath {
+impl BodyPath for ResponsePath {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn cases(&self) -> &[(&'static str, Vec<u8>)] {
+        &self.cases
+    }
+
+    /// The upstream's answer as the client's.
     fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String> {
         let response = (self.read)(body, self.routed_model).map_err(|e| e.to_string())?;
         (self.write)(&response, self.routed_model).map_err(|e| e.to_string())
@@ -738,36 +755,6 @@ trait BodyPath {
     fn cases(&self) -> &[(&'static str, Vec<u8>)];
     fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String>;
     fn check(&self, case: &str, body: &[u8]) -> Result<(), String>;
-}
-
-impl BodyPath for RequestPath {
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn cases(&self) -> &[(&'static str, Vec<u8>)] {
-        &self.cases
-    }
-    fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String> {
-        RequestPath::translate(self, body)
-    }
-    fn check(&self, case: &str, body: &[u8]) -> Result<(), String> {
-        RequestPath::check(self, case, body)
-    }
-}
-
-impl BodyPath for ResponsePath {
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn cases(&self) -> &[(&'static str, Vec<u8>)] {
-        &self.cases
-    }
-    fn translate(&self, body: &[u8]) -> Result<Vec<u8>, String> {
-        ResponsePath::translate(self, body)
-    }
-    fn check(&self, case: &str, body: &[u8]) -> Result<(), String> {
-        ResponsePath::check(self, case, body)
-    }
 }
 
 /// The paths, each case run once and checked.
