@@ -34,6 +34,68 @@ const ERROR_SAMPLES: usize = 5;
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// How the clients of the `streams` part reach the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamClients {
+    /// One HTTP/1.1 connection per stream, as SDK clients open them.
+    Http1,
+    /// HTTP/2 without TLS, this many streams per connection, as a load balancer or service
+    /// mesh multiplexes its clients' requests.
+    H2c(usize),
+}
+
+/// A stream's way to send its request.
+enum StreamSender {
+    Http1(Sender),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl StreamSender {
+    async fn send(
+        &mut self,
+        addr: SocketAddr,
+        request: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        Ok(match self {
+            Self::Http1(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await?
+            }
+            Self::H2(sender) => {
+                // HTTP/2 names the host in the `:authority` of an absolute URI.
+                let (mut parts, body) = request.into_parts();
+                parts.headers.remove(HOST);
+                parts.uri = Uri::builder()
+                    .scheme("http")
+                    .authority(addr.to_string())
+                    .path_and_query(parts.uri.path())
+                    .build()?;
+                sender.ready().await?;
+                sender
+                    .send_request(Request::from_parts(parts, body))
+                    .await?
+            }
+        })
+    }
+}
+
+/// Opens an HTTP/2 connection without TLS (prior knowledge).
+async fn connect_h2c(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
 /// One kind of request, built once and sent many times.
 #[derive(Debug, Clone)]
 pub struct Call {
@@ -560,22 +622,38 @@ pub async fn many_streams<T>(
     connecting: usize,
     first_wait: Duration,
     finish_wait: Duration,
+    clients: StreamClients,
     at_peak: impl FnOnce() -> T,
 ) -> Result<(ManyStreams, T)> {
     let counters = Arc::new(StreamCounters::default());
     let stats = Arc::new(Mutex::new(Stats::new()?));
     let gate = Arc::new(tokio::sync::Semaphore::new(connecting.max(1)));
     let started = Instant::now();
+    let mut shared = Vec::new();
+    if let StreamClients::H2c(per_connection) = clients {
+        for _ in 0..n.div_ceil(per_connection.max(1)) {
+            shared.push(connect_h2c(call.addr).await?);
+        }
+    }
     let mut tasks = JoinSet::new();
-    for _ in 0..n {
+    for i in 0..n {
+        let sender = match clients {
+            StreamClients::Http1 => None,
+            StreamClients::H2c(per_connection) => shared
+                .get(i / per_connection.max(1))
+                .cloned()
+                .map(StreamSender::H2),
+        };
         tasks.spawn(one_stream(
             call.clone(),
+            sender,
             gate.clone(),
             counters.clone(),
             stats.clone(),
             finish_wait,
         ));
     }
+    drop(shared);
     let target = n as u64;
     let give_up = started + first_wait;
     let settled =
@@ -619,6 +697,7 @@ pub async fn many_streams<T>(
 
 async fn one_stream(
     call: Arc<Call>,
+    sender: Option<StreamSender>,
     gate: Arc<tokio::sync::Semaphore>,
     counters: Arc<StreamCounters>,
     stats: Arc<Mutex<Stats>>,
@@ -632,22 +711,26 @@ async fn one_stream(
         }
         lock(&stats).error(message);
     };
-    let sender = {
-        let Ok(_permit) = gate.acquire().await else {
-            return failed("connection gate closed".into());
-        };
-        tokio::time::timeout(Duration::from_secs(10), connect(call.addr)).await
-    };
     let mut sender = match sender {
-        Ok(Ok(sender)) => sender,
-        Ok(Err(error)) => return failed(format!("connect: {error}")),
-        Err(_) => return failed("connect: no connection within 10 s".into()),
+        Some(shared) => shared,
+        None => {
+            let connected = {
+                let Ok(_permit) = gate.acquire().await else {
+                    return failed("connection gate closed".into());
+                };
+                tokio::time::timeout(Duration::from_secs(10), connect(call.addr)).await
+            };
+            match connected {
+                Ok(Ok(sender)) => StreamSender::Http1(sender),
+                Ok(Err(error)) => return failed(format!("connect: {error}")),
+                Err(_) => return failed("connect: no connection within 10 s".into()),
+            }
+        }
     };
     counters.connected.fetch_add(1, Ordering::AcqRel);
     let start = Instant::now();
     let result = tokio::time::timeout(timeout, async {
-        sender.ready().await?;
-        let response = sender.send_request(call.request()).await?;
+        let response = sender.send(call.addr, call.request()).await?;
         let status = response.status().as_u16();
         let open = counters.open.fetch_add(1, Ordering::AcqRel) + 1;
         counters.open_peak.fetch_max(open, Ordering::AcqRel);

@@ -125,6 +125,14 @@ struct Args {
     /// Do not build; use the release binaries already in the target folder.
     #[arg(long)]
     no_build: bool,
+    /// How the `streams` part's clients connect: `http1` (a connection per stream, as SDKs
+    /// do) or `h2c` (100 streams per HTTP/2 connection, as from a load balancer).
+    #[arg(long, default_value = "http1")]
+    stream_clients: String,
+    /// The gateway's `UPSTREAM_HTTP2`: `prior-knowledge` (HTTP/2 to the fakes, as hosted
+    /// APIs are reached over TLS), `auto` or `off` (HTTP/1.1 to the plain-HTTP fakes).
+    #[arg(long, default_value = "prior-knowledge")]
+    upstream_http2: String,
 }
 
 /// The options with their defaults applied.
@@ -139,6 +147,8 @@ struct Plan {
     streams: usize,
     parts: BTreeSet<String>,
     json: Option<PathBuf>,
+    upstream_http2: String,
+    stream_clients: load::StreamClients,
 }
 
 impl Plan {
@@ -182,6 +192,14 @@ impl Plan {
                 .unwrap_or(if args.quick { 1000 } else { 10_000 }),
             parts,
             json: args.json.clone(),
+            upstream_http2: args.upstream_http2.clone(),
+            stream_clients: match args.stream_clients.as_str() {
+                "http1" => load::StreamClients::Http1,
+                "h2c" => load::StreamClients::H2c(100),
+                other => {
+                    return Err(format!("--stream-clients: `{other}` is not http1 or h2c").into());
+                }
+            },
         })
     }
 
@@ -325,6 +343,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
             ("OPENAI_BASE_URL", format!("http://{}", fake("fake")?)),
             ("BIND_ADDR", gateway_addr.to_string()),
             ("DATABASE_URL", format!("sqlite://{}", database.display())),
+            ("UPSTREAM_HTTP2", plan.upstream_http2.clone()),
             ("RUST_LOG", "warn".into()),
         ],
         dir.path(),
@@ -332,12 +351,15 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
     let mut bare_addrs = Vec::new();
     for (upstream, name) in bare_fronts {
         let addr: SocketAddr = format!("127.0.0.1:{}", system::free_port()?).parse()?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--bind".into(),
             addr.to_string(),
             "--upstream".into(),
             format!("http://{}", fake(upstream)?),
         ];
+        if plan.upstream_http2 == "prior-knowledge" {
+            args.push("--http2-prior-knowledge".into());
+        }
         procs.spawn(
             name,
             addr,
@@ -447,6 +469,8 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
             "rates": plan.rates,
             "connections": plan.connections,
             "streams": plan.streams,
+            "upstream_http2": plan.upstream_http2,
+            "stream_clients": format!("{:?}", plan.stream_clients),
             "parts": plan.parts,
             "summary": format!(
                 "{} round(s) × {} s per target, {} connections",
@@ -626,7 +650,11 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                     }
                     let call = Call::post(gateway_addr, CHAT, &key_slow1s, small_stream.clone())?
                         .streamed(false);
-                    results.streams = Some(bench.many_streams(call, streams).await?);
+                    results.streams = Some(
+                        bench
+                            .many_streams(call, streams, plan.stream_clients)
+                            .await?,
+                    );
                 }
                 _ => {}
             }
@@ -1066,7 +1094,12 @@ impl Bench {
 
     /// Opens `n` streams through the gateway at once and reads its memory while all are
     /// open.
-    async fn many_streams(&self, call: Call, n: usize) -> Result<StreamsResult> {
+    async fn many_streams(
+        &self,
+        call: Call,
+        n: usize,
+        clients: load::StreamClients,
+    ) -> Result<StreamsResult> {
         let before = memory(self.gateway_pid).ok();
         let files_before = system::open_files(self.gateway_pid).ok();
         let gateway0 = cpu_ticks(self.gateway_pid)?;
@@ -1078,6 +1111,7 @@ impl Bench {
             256,
             Duration::from_secs(60),
             Duration::from_secs(120),
+            clients,
             move || (memory(pid).ok(), system::open_files(pid).ok()),
         )
         .await?;
@@ -1101,6 +1135,10 @@ impl Bench {
             _ => None,
         };
         Ok(StreamsResult {
+            clients: match clients {
+                load::StreamClients::Http1 => "HTTP/1.1, a connection per stream".to_owned(),
+                load::StreamClients::H2c(n) => format!("h2c, {n} streams per connection"),
+            },
             requested: streams.requested,
             connected: streams.connected,
             first_chunk: streams.first_chunk,

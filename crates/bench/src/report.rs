@@ -197,6 +197,8 @@ impl Pair {
 /// The many-concurrent-streams measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamsResult {
+    /// How the clients connected, e.g. "HTTP/1.1, a connection per stream".
+    pub clients: String,
     /// Streams asked for.
     pub requested: usize,
     /// Connections established.
@@ -556,7 +558,8 @@ impl Results {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "### Concurrent open streams through the gateway (upstream: a chunk every second)"
+                "### Concurrent open streams through the gateway (upstream: a chunk every second; clients: {})",
+                s.clients
             );
             let _ = writeln!(out);
             let _ = writeln!(

@@ -155,6 +155,12 @@ pub async fn app_state_with_clock(
 ) -> Result<(AppState, AdminKey), StartupError> {
     // The HTTP clients built below (webhooks, providers) need rustls's crypto provider.
     meta_chat_llm::install_crypto_provider();
+    if !meta_chat_llm::configure_http(config.upstream_http) {
+        tracing::warn!(
+            options = ?config.upstream_http,
+            "upstream HTTP options were set earlier in this process; those stay in force"
+        );
+    }
     let cipher = open_cipher(&config)?;
     let store = open_store(&config).await?;
     let admin_key = ensure_admin_key(store.as_ref(), &config).await?;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use meta_chat_llm::{EnvError, LlmEnv};
+use meta_chat_llm::{EnvError, Http2Mode, HttpOptions, LlmEnv};
 use secrecy::SecretString;
 
 /// Where tenants, settings and usage live.
@@ -57,6 +57,9 @@ pub struct Config {
     /// `COOKIE_SECURE`: mark the dashboard's session cookie `Secure` even when the request
     /// did not say it came over TLS.
     pub cookie_secure: bool,
+    /// `UPSTREAM_HTTP2` and `UPSTREAM_HTTP2_MAX_STREAMS`: how upstream connections use
+    /// HTTP/2.
+    pub upstream_http: HttpOptions,
 }
 
 impl Config {
@@ -194,6 +197,22 @@ impl Config {
                 ));
             }
         };
+        let http2 = match get("UPSTREAM_HTTP2").as_deref().map(str::trim) {
+            None => Http2Mode::Auto,
+            Some(v) if v.eq_ignore_ascii_case("auto") => Http2Mode::Auto,
+            Some(v) if v.eq_ignore_ascii_case("prior-knowledge") => Http2Mode::PriorKnowledge,
+            Some(v) if v.eq_ignore_ascii_case("off") => Http2Mode::Off,
+            Some(v) => {
+                return Err(invalid(
+                    "UPSTREAM_HTTP2",
+                    format!("`{v}` is not auto, prior-knowledge or off"),
+                ));
+            }
+        };
+        let streams_per_connection = positive("UPSTREAM_HTTP2_MAX_STREAMS", "a whole number ≥ 1")?
+            .map_or(HttpOptions::default().streams_per_connection, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            });
         Ok(Self {
             llm,
             database_url,
@@ -214,6 +233,10 @@ impl Config {
             default_tokens_per_day,
             cache_max_bytes,
             cookie_secure,
+            upstream_http: HttpOptions {
+                http2,
+                streams_per_connection,
+            },
         })
     }
 }
@@ -268,6 +291,24 @@ mod tests {
         assert!(config.cost_tracking);
         assert_eq!(config.max_body_bytes, 4 * 1024 * 1024);
         assert!(config.encryption_key.is_none());
+        assert_eq!(config.upstream_http, HttpOptions::default());
+    }
+
+    #[test]
+    fn upstream_http2_modes() {
+        for (value, mode) in [
+            ("auto", Http2Mode::Auto),
+            ("Prior-Knowledge", Http2Mode::PriorKnowledge),
+            (" off ", Http2Mode::Off),
+        ] {
+            let config = config(&[
+                ("UPSTREAM_HTTP2", value),
+                ("UPSTREAM_HTTP2_MAX_STREAMS", "8"),
+            ])
+            .unwrap();
+            assert_eq!(config.upstream_http.http2, mode);
+            assert_eq!(config.upstream_http.streams_per_connection, 8);
+        }
     }
 
     #[test]
@@ -295,6 +336,8 @@ mod tests {
             ("REDIS_URL", "http://x"),
             ("MAX_BODY_BYTES", "12"),
             ("LLM_TEMPERATURE", "9"),
+            ("UPSTREAM_HTTP2", "sometimes"),
+            ("UPSTREAM_HTTP2_MAX_STREAMS", "0"),
         ] {
             let err = config(&[(name, value)]).unwrap_err();
             assert_eq!(err.variable, name, "{err}");

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod redis_conn;
 pub mod routing;
+pub mod server;
 pub mod settings;
 pub mod store;
 pub mod tenant_cache;

@@ -52,6 +52,9 @@ async fn each_provider_answers_with_the_tenant_key_and_headers() {
         assert_eq!(answer.header("x-meta-chat-provider"), provider);
         assert_eq!(answer.header("x-meta-chat-model"), model);
         assert_eq!(answer.header("x-meta-chat-cache"), "miss");
+        // Plain http:// upstreams get HTTP/1.1 unless UPSTREAM_HTTP2 says otherwise.
+        let arrivals = gw.fake.arrivals();
+        assert_eq!(arrivals.last().unwrap().version, "HTTP/1.1", "{provider}");
         let cost = answer.header("x-meta-chat-cost-usd").to_owned();
         assert!(cost.contains('.'), "{cost}");
         let request_id = answer.header("x-request-id");

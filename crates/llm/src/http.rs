@@ -2,7 +2,8 @@
 //! SSE and NDJSON framing.
 
 use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::Bytes;
 use futures::{Stream, TryStreamExt};
@@ -20,27 +21,275 @@ const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 /// Turns an upstream's error answer (status, headers, body) into an [`LlmError`].
 pub(crate) type ErrorParser = fn(u16, &HeaderMap, &[u8]) -> LlmError;
 
-/// The process-wide HTTP client: one connection pool shared by every provider instance.
-pub(crate) fn client(provider: ProviderKind) -> Result<reqwest::Client> {
-    static CLIENT: OnceLock<std::result::Result<reqwest::Client, String>> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            install_crypto_provider();
-            reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(10))
-                .pool_idle_timeout(std::time::Duration::from_secs(90))
-                // Enough idle connections for a busy upstream, without keeping thousands of
-                // sockets (and their buffers) after a burst of long streams.
-                .pool_max_idle_per_host(1024)
-                .tcp_nodelay(true)
-                .build()
-                .map_err(|e| e.to_string())
+/// How upstream connections use HTTP/2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http2Mode {
+    /// HTTP/2 where TLS negotiates it (ALPN, as OpenAI's and Anthropic's APIs do), HTTP/1.1
+    /// on plain `http://` endpoints.
+    Auto,
+    /// As `Auto`, and HTTP/2 without negotiation (h2c) on plain `http://` endpoints of
+    /// OpenAI-compatible and Anthropic upstreams, for upstreams known to speak it. Ollama
+    /// stays on HTTP/1.1.
+    PriorKnowledge,
+    /// HTTP/1.1 only.
+    Off,
+}
+
+/// Process-wide settings of the upstream connections, given once at start-up by
+/// [`configure_http`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpOptions {
+    /// How HTTP/2 is used.
+    pub http2: Http2Mode,
+    /// Concurrent requests carried by one HTTP/2 connection before another is opened to the
+    /// same upstream. Servers cap streams per connection (100 is the usual minimum, RFC 9113
+    /// §6.5.2): past its cap a connection would queue requests instead of sending them.
+    pub streams_per_connection: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            http2: Http2Mode::Auto,
+            streams_per_connection: 100,
+        }
+    }
+}
+
+/// Sets the upstream connection options for the process. Only the first call counts, and
+/// only before the first provider is built; returns whether these options are the ones in
+/// force.
+pub fn configure_http(options: HttpOptions) -> bool {
+    OPTIONS.get_or_init(|| options) == &options
+}
+
+static OPTIONS: OnceLock<HttpOptions> = OnceLock::new();
+
+fn options() -> HttpOptions {
+    *OPTIONS.get_or_init(HttpOptions::default)
+}
+
+/// The most connections opened to one upstream; past it requests share the least busy.
+const MAX_LANES: usize = 256;
+
+/// The process's upstream clients. Each "lane" is a client with its own pool, so an HTTP/2
+/// upstream gets one connection per lane in use: a request takes the first lane whose
+/// connection to its upstream carries fewer than `streams_per_connection` requests and
+/// holds it (a [`Lease`]) until its answer has been read. Plain HTTP/1.1 requests all use
+/// the first lane, whose pool keeps one connection per concurrent request anyway.
+struct Lanes {
+    streams_per_connection: usize,
+    /// The negotiating family's first lane.
+    first: reqwest::Client,
+    /// Negotiating clients (HTTP/2 over TLS where offered; HTTP/1.1 only when `Off`).
+    negotiated: Family,
+    /// h2c clients, with `PriorKnowledge`.
+    prior_knowledge: Option<Family>,
+    /// Per upstream origin (`scheme://host:port`): requests in flight on each lane.
+    origins: RwLock<HashMap<String, Arc<Origin>>>,
+}
+
+struct Family {
+    first: reqwest::Client,
+    clients: RwLock<Vec<reqwest::Client>>,
+    prior_knowledge: bool,
+    http1_only: bool,
+}
+
+impl Family {
+    fn new(prior_knowledge: bool, http1_only: bool) -> std::result::Result<Self, String> {
+        let first = build_client(prior_knowledge, http1_only)?;
+        Ok(Self {
+            clients: RwLock::new(vec![first.clone()]),
+            first,
+            prior_knowledge,
+            http1_only,
         })
-        .clone()
+    }
+
+    /// The client of lane `lane`, built on first use.
+    fn lane(&self, lane: usize) -> Option<reqwest::Client> {
+        if let Some(client) = self.clients.read().ok()?.get(lane) {
+            return Some(client.clone());
+        }
+        let mut clients = self.clients.write().ok()?;
+        while clients.len() <= lane {
+            match build_client(self.prior_knowledge, self.http1_only) {
+                Ok(client) => clients.push(client),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot build another upstream client");
+                    return clients.last().cloned();
+                }
+            }
+        }
+        clients.get(lane).cloned()
+    }
+}
+
+fn build_client(
+    prior_knowledge: bool,
+    http1_only: bool,
+) -> std::result::Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        // Enough idle connections for a busy upstream, without keeping thousands of
+        // sockets (and their buffers) after a burst of long streams.
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        // Stream windows sized from the measured bandwidth-delay product: large answers
+        // (embeddings) are not throttled on a distant upstream, and a slow reader does not
+        // let megabytes pile up per stream.
+        .http2_adaptive_window(true);
+    if prior_knowledge {
+        builder = builder.http2_prior_knowledge();
+    }
+    if http1_only {
+        builder = builder.http1_only();
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+struct Origin {
+    in_flight: Box<[AtomicUsize]>,
+}
+
+/// A request's place on a lane, given back when its answer has been read or dropped.
+pub(crate) struct Lease {
+    origin: Arc<Origin>,
+    lane: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(count) = self.origin.in_flight.get(self.lane) {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Lanes {
+    fn get() -> std::result::Result<&'static Lanes, String> {
+        static LANES: OnceLock<std::result::Result<Lanes, String>> = OnceLock::new();
+        LANES
+            .get_or_init(|| {
+                install_crypto_provider();
+                let options = options();
+                let negotiated = Family::new(false, options.http2 == Http2Mode::Off)?;
+                Ok(Lanes {
+                    streams_per_connection: options.streams_per_connection.max(1),
+                    first: negotiated.first.clone(),
+                    negotiated,
+                    prior_knowledge: match options.http2 {
+                        Http2Mode::PriorKnowledge => Some(Family::new(true, false)?),
+                        Http2Mode::Auto | Http2Mode::Off => None,
+                    },
+                    origins: RwLock::default(),
+                })
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// The client to send `url` with, and the lease it holds. Plain HTTP/1.1 takes the
+    /// first lane without a lease.
+    fn pick(&self, provider: ProviderKind, url: &reqwest::Url) -> (reqwest::Client, Option<Lease>) {
+        let family = match (url.scheme(), &self.prior_knowledge) {
+            ("http", Some(h2c)) if provider != ProviderKind::Ollama => h2c,
+            ("https", _) if !self.negotiated.http1_only => &self.negotiated,
+            _ => return (self.first(), None),
+        };
+        let Some(origin) = self.origin(&url[..url::Position::BeforePath]) else {
+            return (self.first(), None);
+        };
+        let cap = self.streams_per_connection;
+        let mut chosen = None;
+        for (lane, count) in origin.in_flight.iter().enumerate() {
+            if count.load(Ordering::Relaxed) < cap {
+                if count.fetch_add(1, Ordering::Relaxed) < cap {
+                    chosen = Some(lane);
+                    break;
+                }
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        // Every lane is at its cap: share the least busy one.
+        let lane = chosen.unwrap_or_else(|| {
+            let lane = origin
+                .in_flight
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, count)| count.load(Ordering::Relaxed))
+                .map_or(0, |(lane, _)| lane);
+            if let Some(count) = origin.in_flight.get(lane) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            lane
+        });
+        let lease = Lease { origin, lane };
+        match family.lane(lane) {
+            Some(client) => (client, Some(lease)),
+            None => (self.first(), Some(lease)),
+        }
+    }
+
+    fn first(&self) -> reqwest::Client {
+        self.first.clone()
+    }
+
+    fn origin(&self, key: &str) -> Option<Arc<Origin>> {
+        /// Distinct upstreams tracked; past it the map starts over (base URLs come from
+        /// settings). Leases of forgotten origins still count down their own counters.
+        const MAX_ORIGINS: usize = 1024;
+        if let Some(origin) = self.origins.read().ok()?.get(key) {
+            return Some(origin.clone());
+        }
+        let mut origins = self.origins.write().ok()?;
+        if origins.len() >= MAX_ORIGINS && !origins.contains_key(key) {
+            origins.clear();
+        }
+        Some(
+            origins
+                .entry(key.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Origin {
+                        in_flight: (0..MAX_LANES).map(|_| AtomicUsize::new(0)).collect(),
+                    })
+                })
+                .clone(),
+        )
+    }
+}
+
+/// The client providers build their requests with; [`send`] chooses the connection.
+pub(crate) fn client(provider: ProviderKind) -> Result<reqwest::Client> {
+    Lanes::get()
+        .map(Lanes::first)
         .map_err(|message| LlmError::Configuration {
             provider,
             message: format!("could not build the HTTP client: {message}"),
         })
+}
+
+/// An upstream's answer and the lane it holds until the answer has been read.
+pub(crate) struct Answer {
+    pub(crate) response: reqwest::Response,
+    lease: Option<Lease>,
+}
+
+/// Sends a built request on the lane chosen for its upstream.
+pub(crate) async fn dispatch(
+    provider: ProviderKind,
+    request: reqwest::RequestBuilder,
+) -> std::result::Result<Answer, reqwest::Error> {
+    let (client, request) = request.build_split();
+    let request = request?;
+    let (client, lease) = match Lanes::get() {
+        Ok(lanes) => lanes.pick(provider, request.url()),
+        Err(_) => (client, None),
+    };
+    let response = client.execute(request).await?;
+    Ok(Answer { response, lease })
 }
 
 /// A request to `url` (an upstream endpoint): parsed once per process and then cloned, where
@@ -87,29 +336,38 @@ pub(crate) async fn send(
     provider: ProviderKind,
     request: reqwest::RequestBuilder,
     parse_error: ErrorParser,
-) -> Result<reqwest::Response> {
-    let response = request
-        .send()
+) -> Result<Answer> {
+    let answer = dispatch(provider, request)
         .await
         .map_err(|e| LlmError::connection(provider, &e))?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(response);
+    answer.checked(parse_error).await
+}
+
+impl Answer {
+    /// The answer itself when it is a success; otherwise its body read and classified by
+    /// `parse_error`.
+    pub(crate) async fn checked(self, parse_error: ErrorParser) -> Result<Self> {
+        let status = self.response.status();
+        if status.is_success() {
+            return Ok(self);
+        }
+        let headers = self.response.headers().clone();
+        let body = self.response.bytes().await.unwrap_or_default();
+        Err(parse_error(status.as_u16(), &headers, &body))
     }
-    let headers = response.headers().clone();
-    let body = response.bytes().await.unwrap_or_default();
-    Err(parse_error(status.as_u16(), &headers, &body))
 }
 
 /// Reads a whole JSON answer.
 pub(crate) async fn read_json<T: DeserializeOwned>(
     provider: ProviderKind,
-    response: reqwest::Response,
+    answer: Answer,
 ) -> Result<T> {
+    let Answer { response, lease } = answer;
     let body = response
         .bytes()
         .await
         .map_err(|e| LlmError::connection(provider, &e))?;
+    drop(lease);
     parse_json(provider, &body)
 }
 
@@ -130,11 +388,14 @@ fn truncate(body: &[u8], max: usize) -> &[u8] {
 /// A byte stream from an upstream.
 pub(crate) fn byte_stream(
     provider: ProviderKind,
-    response: reqwest::Response,
+    answer: Answer,
 ) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
-    response
-        .bytes_stream()
-        .map_err(move |e| LlmError::connection(provider, &e))
+    let Answer { response, lease } = answer;
+    // The lease lives as long as the stream, and goes when the stream ends or is dropped.
+    response.bytes_stream().map_err(move |e| {
+        let _held = &lease;
+        LlmError::connection(provider, &e)
+    })
 }
 
 /// Server-sent events parsed from a byte stream (framing across chunk boundaries handled by

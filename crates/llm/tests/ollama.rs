@@ -565,6 +565,7 @@ async fn the_adapter_reports_its_capabilities() {
 /// validation errors.
 #[tokio::test]
 async fn the_fake_streams_by_default_and_validates_like_ollama() {
+    meta_chat_llm::install_crypto_provider();
     let fake = FakeServer::start().await.unwrap();
     let client = reqwest::Client::new();
     let url = format!("{}/api/chat", fake.url());

@@ -15,7 +15,9 @@
 //! [`FakeServer::set_default_reply`] set (a tool call, a slow stream, …), which is how a
 //! load test gives every request the same upstream behaviour. Every request is recorded, so
 //! tests can assert the exact wire request the server received
-//! ([`FakeServer::set_recording`] turns that off for long-running servers).
+//! ([`FakeServer::set_recording`] turns that off for long-running servers), along with the
+//! HTTP version and client connection it came on ([`FakeServer::arrivals`]). The server
+//! speaks HTTP/1.1 and HTTP/2 without TLS (h2c, by prior knowledge).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -340,9 +342,21 @@ impl Recorded {
     }
 }
 
+/// How a request reached the fake: its HTTP version and the client's end of the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    /// The path requested.
+    pub path: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// The client's address: requests with the same peer came on the same connection.
+    pub peer: SocketAddr,
+}
+
 #[derive(Debug, Default)]
 struct Script {
     replies: VecDeque<Reply>,
+    arrivals: Vec<Arrival>,
     /// The reply when none is queued; `None` echoes.
     default_reply: Option<Reply>,
     requests: Vec<Recorded>,
@@ -405,7 +419,9 @@ impl FakeServer {
         });
         // Built once, not per connection (served as a `Router`, axum rebuilds its routes for
         // every connection).
-        let app = router(shared.clone()).with_state(()).into_make_service();
+        let app = router(shared.clone())
+            .with_state(())
+            .into_make_service_with_connect_info::<SocketAddr>();
         let task = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
                 tracing::error!(%error, "fake server stopped");
@@ -452,7 +468,13 @@ impl FakeServer {
         script.not_recording = !on;
         if !on {
             script.requests = Vec::new();
+            script.arrivals = Vec::new();
         }
+    }
+
+    /// How every request received so far arrived, in order (recorded while recording is on).
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.shared.lock().arrivals.clone()
     }
 
     /// Every request received so far, in order.
@@ -489,7 +511,32 @@ fn router(shared: Shared) -> Router {
         .route("/api/chat", post(ollama::chat))
         .route("/api/embed", post(ollama::embed))
         .route("/api/tags", get(ollama::tags))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            note_arrival,
+        ))
         .with_state(shared)
+}
+
+/// Records how a request arrived, before its handler runs.
+async fn note_arrival(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    {
+        let mut script = shared.lock();
+        if !script.not_recording {
+            let arrival = Arrival {
+                path: request.uri().path().to_owned(),
+                version: format!("{:?}", request.version()),
+                peer,
+            };
+            script.arrivals.push(arrival);
+        }
+    }
+    next.run(request).await
 }
 
 /// What a handler gets: the recorded request and the reply to give.

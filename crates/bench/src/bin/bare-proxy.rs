@@ -6,7 +6,9 @@
 //! `Authorization` is passed on unchecked, as the fakes require one), no accounting: what is
 //! left is two HTTP exchanges per request on the same libraries.
 //!
-//! `bare-proxy --bind 127.0.0.1:4000 --upstream http://127.0.0.1:4010`
+//! `bare-proxy --bind 127.0.0.1:4000 --upstream http://127.0.0.1:4010 [--http2-prior-knowledge]`
+//! (the last to speak HTTP/2 to the upstream, as the gateway does with
+//! `UPSTREAM_HTTP2=prior-knowledge`).
 
 use std::net::SocketAddr;
 
@@ -27,6 +29,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long)]
     bind: SocketAddr,
+    /// HTTP/2 without negotiation (h2c) to the upstream.
+    #[arg(long)]
+    http2_prior_knowledge: bool,
     /// Upstream base URL, e.g. `http://127.0.0.1:4010`.
     #[arg(long)]
     upstream: String,
@@ -77,11 +82,15 @@ async fn forward(State(upstream): State<Upstream>, request: Request) -> Response
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder()
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
         .tcp_nodelay(true)
-        .build()?;
+        .http2_adaptive_window(true);
+    if args.http2_prior_knowledge {
+        client = client.http2_prior_knowledge();
+    }
+    let client = client.build()?;
     let upstream = Upstream {
         client,
         base: args.upstream.trim_end_matches('/').to_owned(),

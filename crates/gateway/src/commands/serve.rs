@@ -1,6 +1,5 @@
 //! `meta-chat serve` (the default command): the HTTP server, until SIGTERM or Ctrl-C.
 
-use axum::serve::ListenerExt;
 use std::process::ExitCode;
 
 use meta_chat::bootstrap::{self, StartupError};
@@ -44,21 +43,7 @@ pub async fn run() -> ExitCode {
     tracing::info!(addr = %local, database, "meta-chat listening");
     println!("meta-chat listening on http://{local}");
     let usage = state.usage.clone();
-    // Streamed answers are many small writes: without TCP_NODELAY, Nagle's algorithm holds
-    // each one back until the client's delayed ACK (40 ms on Linux).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
-        }
-    });
-    // The router is built once: served as a `Router` itself, axum would rebuild its route
-    // table for every connection (7 kB and a few microseconds each, BENCHMARKS.md).
-    let app = meta_chat::api::router(state)
-        .with_state(())
-        .into_make_service();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = meta_chat::server::serve(listener, meta_chat::api::router(state), shutdown).await;
     // Every request has finished: write the usage records still queued.
     usage.shutdown().await;
     tracing::info!(

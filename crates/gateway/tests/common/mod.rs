@@ -65,15 +65,11 @@ pub async fn serve_state_with_clock(
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = meta_chat::api::router(state.clone())
-        .with_state(())
-        .into_make_service();
-    // As `meta-chat serve` does: no Nagle delay on streamed answers.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        tcp.set_nodelay(true).unwrap();
-    });
+    let router = meta_chat::api::router(state.clone());
     tokio::spawn(async move {
-        axum::serve(listener, router).await.unwrap();
+        meta_chat::server::serve(listener, router, std::future::pending())
+            .await
+            .unwrap();
     });
     (format!("http://{addr}"), state, admin_key.generated)
 }

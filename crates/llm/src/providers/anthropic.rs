@@ -56,7 +56,7 @@ impl AnthropicProvider {
         &self,
         request: &CompletionRequest,
         stream: bool,
-    ) -> Result<reqwest::Response> {
+    ) -> Result<http::Answer> {
         let key = self
             .config
             .api_key

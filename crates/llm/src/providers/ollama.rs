@@ -64,8 +64,8 @@ impl OllamaProvider {
 
     /// Sends a request. A refused connection gets advice about `ollama serve`: unlike the
     /// hosted providers, a local server that is not running is the usual cause.
-    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let response = builder.send().await.map_err(|error| {
+    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<http::Answer> {
+        let answer = http::dispatch(PROVIDER, builder).await.map_err(|error| {
             let described = LlmError::connection(PROVIDER, &error);
             match described {
                 LlmError::Connection { provider, message } if error.is_connect() => {
@@ -80,20 +80,10 @@ impl OllamaProvider {
                 other => other,
             }
         })?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
-        Err(parse_error(status.as_u16(), &headers, &body))
+        answer.checked(parse_error).await
     }
 
-    async fn post_chat(
-        &self,
-        request: &CompletionRequest,
-        stream: bool,
-    ) -> Result<reqwest::Response> {
+    async fn post_chat(&self, request: &CompletionRequest, stream: bool) -> Result<http::Answer> {
         let body = chat_body(request, &self.config, stream)?;
         tracing::debug!(model = %self.model_for(request), stream, "ollama chat request");
         self.send(

@@ -70,11 +70,7 @@ impl OpenAiProvider {
         Ok(builder)
     }
 
-    async fn post_chat(
-        &self,
-        request: &CompletionRequest,
-        stream: bool,
-    ) -> Result<reqwest::Response> {
+    async fn post_chat(&self, request: &CompletionRequest, stream: bool) -> Result<http::Answer> {
         let body = chat_body(&self.config, request, stream)?;
         tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "chat completion request");
         let mut builder = self
