@@ -107,22 +107,33 @@ impl Family {
         })
     }
 
-    /// The client of lane `lane`, built on first use.
+    /// The client of lane `lane`, built on first use. Clients are built outside the lock
+    /// (building one reads the platform's root certificates), so requests on the lanes
+    /// already open never wait for it.
     fn lane(&self, lane: usize) -> Option<reqwest::Client> {
-        if let Some(client) = self.clients.read().ok()?.get(lane) {
-            return Some(client.clone());
-        }
-        let mut clients = self.clients.write().ok()?;
-        while clients.len() <= lane {
+        loop {
+            let open = {
+                let clients = self.clients.read().ok()?;
+                if let Some(client) = clients.get(lane) {
+                    return Some(client.clone());
+                }
+                clients.len()
+            };
             match build_client(self.prior_knowledge, self.http1_only) {
-                Ok(client) => clients.push(client),
+                Ok(built) => {
+                    let mut clients = self.clients.write().ok()?;
+                    // Another request may have added this lane meanwhile; then this one
+                    // is not needed.
+                    if clients.len() == open {
+                        clients.push(built);
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot build another upstream client");
-                    return clients.last().cloned();
+                    return self.clients.read().ok()?.last().cloned();
                 }
             }
         }
-        clients.get(lane).cloned()
     }
 }
 

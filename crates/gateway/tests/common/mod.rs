@@ -396,21 +396,50 @@ impl PgSchema {
 impl Drop for PgSchema {
     fn drop(&mut self) {
         let base_url = self.base_url.clone();
-        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name);
+        let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot be blocked on: use a thread with
-        // its own runtime.
+        // its own runtime. That runtime stays blocked meanwhile, so a gateway of the test
+        // can be halfway through a transaction it will never finish (its usage writer, say)
+        // while holding locks in the schema: such sessions are ended first, and the drop
+        // waits for locks at most a second per attempt.
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                let admin = sqlx::PgPool::connect(&base_url).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .execute(&admin)
+                use sqlx::Connection;
+                let mut admin = sqlx::PgConnection::connect(&base_url).await.unwrap();
+                sqlx::query("SET lock_timeout = '1s'")
+                    .execute(&mut admin)
                     .await
                     .unwrap();
-                admin.close().await;
+                let drop_sql = format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE");
+                let mut attempts = 0;
+                loop {
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                         JOIN pg_class c ON c.oid = l.relation \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+                    )
+                    .bind(&name)
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                    match sqlx::query(sqlx::AssertSqlSafe(drop_sql.clone()))
+                        .execute(&mut admin)
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(error) if attempts < 10 => {
+                            attempts += 1;
+                            eprintln!("dropping test schema {name}: {error}; again");
+                        }
+                        Err(error) => panic!("cannot drop test schema {name}: {error}"),
+                    }
+                }
+                admin.close().await.unwrap();
             });
         });
         if cleanup.join().is_err() && !std::thread::panicking() {
