@@ -261,12 +261,22 @@ impl PriceTable {
 
 /// `provider/model`, lowercased, whether or not `model` already carries the prefix.
 fn table_key(provider: ProviderKind, model: &str) -> String {
-    let model = model.trim().to_ascii_lowercase();
-    let prefix = format!("{}/", provider.as_str());
-    match model.strip_prefix(&prefix) {
-        Some(_) => model,
-        None => prefix + &model,
+    // One allocation: this runs for every priced request.
+    let provider = provider.as_str();
+    let model = model.trim();
+    let n = provider.len();
+    let prefixed = model.as_bytes().get(..=n).is_some_and(|head| {
+        head.get(..n)
+            .is_some_and(|name| name.eq_ignore_ascii_case(provider.as_bytes()))
+            && head.get(n) == Some(&b'/')
+    });
+    let mut key = String::with_capacity(n + 1 + model.len());
+    if !prefixed {
+        key.push_str(provider);
+        key.push('/');
     }
+    key.extend(model.chars().map(|c| c.to_ascii_lowercase()));
+    key
 }
 
 /// `tokens × micro-dollars per million tokens` in nano-dollars, rounded half up.
@@ -305,6 +315,58 @@ fn strip_version(key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key as the definition reads: trimmed, lowercased, prefixed with the provider
+    /// unless it already is.
+    fn spelled_out_key(provider: ProviderKind, model: &str) -> String {
+        let model = model.trim().to_ascii_lowercase();
+        let prefix = format!("{}/", provider.as_str());
+        match model.strip_prefix(&prefix) {
+            Some(_) => model,
+            None => prefix + &model,
+        }
+    }
+
+    #[test]
+    fn table_keys_are_the_lowercased_prefixed_model() {
+        for model in [
+            "gpt-4o",
+            " GPT-4o-Mini ",
+            "openai/gpt-4o",
+            "OpenAI/GPT-4o",
+            "openai",
+            "openai/",
+            "openaix/gpt",
+            "anthropic/claude-3-haiku",
+            "é/x",
+            "opén/x",
+            "",
+        ] {
+            for provider in [
+                ProviderKind::OpenAi,
+                ProviderKind::Anthropic,
+                ProviderKind::Ollama,
+            ] {
+                assert_eq!(
+                    table_key(provider, model),
+                    spelled_out_key(provider, model),
+                    "{provider} {model:?}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn table_keys_match_the_definition(model in "\\PC{0,24}") {
+            for provider in [ProviderKind::OpenAi, ProviderKind::Anthropic, ProviderKind::Ollama] {
+                proptest::prop_assert_eq!(
+                    table_key(provider, &model),
+                    spelled_out_key(provider, &model)
+                );
+            }
+        }
+    }
 
     fn usage(input: u64, output: u64) -> Usage {
         Usage {
