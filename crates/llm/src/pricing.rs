@@ -275,7 +275,9 @@ fn table_key(provider: ProviderKind, model: &str) -> String {
         key.push_str(provider);
         key.push('/');
     }
-    key.extend(model.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(model);
+    // The provider's name is lowercase already.
+    key.make_ascii_lowercase();
     key
 }
 
