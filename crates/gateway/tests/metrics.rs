@@ -30,9 +30,13 @@ async fn gateway_with_metrics() -> (String, Arc<Metrics>, tempfile::TempDir) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        axum::serve(listener, meta_chat::api::router(state))
-            .await
-            .unwrap();
+        meta_chat::server::serve(
+            listener,
+            meta_chat::api::router(state),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
     });
     (format!("http://{addr}"), metrics, dir)
 }

@@ -79,8 +79,6 @@ const MAX_LANES: usize = 256;
 /// the first lane, whose pool keeps one connection per concurrent request anyway.
 struct Lanes {
     streams_per_connection: usize,
-    /// The negotiating family's first lane.
-    first: reqwest::Client,
     /// Negotiating clients (HTTP/2 over TLS where offered; HTTP/1.1 only when `Off`).
     negotiated: Family,
     /// h2c clients, with `PriorKnowledge`.
@@ -90,6 +88,7 @@ struct Lanes {
 }
 
 struct Family {
+    /// Lane 0, also kept outside the lock: plain HTTP/1.1 requests all take it.
     first: reqwest::Client,
     clients: RwLock<Vec<reqwest::Client>>,
     prior_knowledge: bool,
@@ -189,7 +188,6 @@ impl Lanes {
                 let negotiated = Family::new(false, options.http2 == Http2Mode::Off)?;
                 Ok(Lanes {
                     streams_per_connection: options.streams_per_connection.max(1),
-                    first: negotiated.first.clone(),
                     negotiated,
                     prior_knowledge: match options.http2 {
                         Http2Mode::PriorKnowledge => Some(Family::new(true, false)?),
@@ -245,7 +243,7 @@ impl Lanes {
     }
 
     fn first(&self) -> reqwest::Client {
-        self.first.clone()
+        self.negotiated.first.clone()
     }
 
     fn origin(&self, key: &str) -> Option<Arc<Origin>> {
@@ -284,7 +282,7 @@ pub(crate) fn client(provider: ProviderKind) -> Result<reqwest::Client> {
 
 /// An upstream's answer and the lane it holds until the answer has been read.
 pub(crate) struct Answer {
-    pub(crate) response: reqwest::Response,
+    response: reqwest::Response,
     lease: Option<Lease>,
 }
 
