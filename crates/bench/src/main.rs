@@ -23,7 +23,7 @@
 //!   the previous answer was read in full), non-streamed and streamed (20 chunks), with the
 //!   time to the first body bytes of streams.
 //! - **The bare-proxy reference**, in the same throughput rounds: `bare-proxy` (this crate's
-//!   plain axum + reqwest pass-through, no JSON, no auth, no accounting) in front of the same
+//!   plain axum + hyper-client pass-through, no JSON, no auth, no accounting) in front of the same
 //!   fake, the floor of the gateway's HTTP stack: its req/s, ratio to direct and CPU/request.
 //! - **Scenarios** through the gateway (closed loop), with the direct equivalent where one
 //!   exists: a small and a 100 KB request, a tool call, embeddings, cache hits, rate-limit

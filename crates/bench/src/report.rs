@@ -363,7 +363,7 @@ impl Results {
         let _ = writeln!(
             out,
             "Latencies in ms. CPU = gateway user+system time per answered request (ms); \
-             bare CPU = the same for bare-proxy, a plain axum + reqwest pass-through (the floor \
+             bare CPU = the same for bare-proxy, a plain axum + hyper-client pass-through (the floor \
              of the gateway's HTTP stack). overhead = x-meta-chat-overhead-ms p50 / p99 (n/a: \
              header absent)."
         );

@@ -202,10 +202,10 @@ impl LlmError {
         }
     }
 
-    pub(crate) fn connection(provider: ProviderKind, error: &reqwest::Error) -> Self {
+    pub(crate) fn connection(provider: ProviderKind, error: &crate::http::SendError) -> Self {
         Self::Connection {
             provider,
-            message: describe_reqwest_error(error),
+            message: error.to_string(),
         }
     }
 
@@ -291,7 +291,7 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// Reads the wait time from `retry-after-ms` (OpenAI) or `retry-after`.
-pub(crate) fn retry_after_from_headers(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after_from_headers(headers: &crate::http::HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
@@ -301,21 +301,9 @@ pub(crate) fn retry_after_from_headers(headers: &reqwest::header::HeaderMap) -> 
         return Some(Duration::from_secs_f64(ms / 1000.0));
     }
     headers
-        .get(reqwest::header::RETRY_AFTER)
+        .get(crate::http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after)
-}
-
-fn describe_reqwest_error(error: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

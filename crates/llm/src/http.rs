@@ -1,16 +1,25 @@
-//! The HTTP plumbing every provider shares: one pooled client, error classification,
-//! SSE and NDJSON framing.
+//! The HTTP plumbing every provider shares: pooled upstream connections (hyper's client,
+//! HTTP/2 spread over several connections), error classification, SSE and NDJSON framing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, TryStreamExt};
-use reqwest::header::HeaderMap;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::io::StreamReader;
+
+pub(crate) use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+pub(crate) use ::http::{Method, Uri};
 
 use crate::error::{LlmError, Result};
 use crate::types::ProviderKind;
@@ -72,11 +81,22 @@ fn options() -> HttpOptions {
 /// The most connections opened to one upstream; past it requests share the least busy.
 const MAX_LANES: usize = 256;
 
+/// An upstream client: hyper's pooled client over plain TCP or rustls.
+type Upstream = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The body of an upstream's answer, whichever client carried it.
+type AnswerBody = UnsyncBoxBody<Bytes, BoxError>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The process's upstream clients. Each "lane" is a client with its own pool, so an HTTP/2
 /// upstream gets one connection per lane in use: a request takes the first lane whose
 /// connection to its upstream carries fewer than `streams_per_connection` requests and
 /// holds it (a [`Lease`]) until its answer has been read. Plain HTTP/1.1 requests all use
 /// the first lane, whose pool keeps one connection per concurrent request anyway.
+///
+/// When the environment names a proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`), every
+/// request goes through reqwest instead, which implements those variables and `NO_PROXY`.
 struct Lanes {
     streams_per_connection: usize,
     /// Negotiating clients (HTTP/2 over TLS where offered; HTTP/1.1 only when `Off`).
@@ -85,75 +105,108 @@ struct Lanes {
     prior_knowledge: Option<Family>,
     /// Per upstream origin (`scheme://host:port`): requests in flight on each lane.
     origins: RwLock<HashMap<String, Arc<Origin>>>,
+    /// The client for proxied requests, when a proxy is configured.
+    proxied: Option<reqwest::Client>,
 }
 
 struct Family {
     /// Lane 0, also kept outside the lock: plain HTTP/1.1 requests all take it.
-    first: reqwest::Client,
-    clients: RwLock<Vec<reqwest::Client>>,
+    first: Upstream,
+    clients: RwLock<Vec<Upstream>>,
+    /// The connector every lane clones: one TLS configuration (root certificates, ALPN) for
+    /// all of them.
+    connector: HttpsConnector<HttpConnector>,
     prior_knowledge: bool,
     http1_only: bool,
 }
 
 impl Family {
     fn new(prior_knowledge: bool, http1_only: bool) -> std::result::Result<Self, String> {
-        let first = build_client(prior_knowledge, http1_only)?;
+        let connector = connector(http1_only)?;
+        let first = build_client(&connector, prior_knowledge);
         Ok(Self {
             clients: RwLock::new(vec![first.clone()]),
             first,
+            connector,
             prior_knowledge,
             http1_only,
         })
     }
 
-    /// The client of lane `lane`, built on first use. Clients are built outside the lock
-    /// (building one reads the platform's root certificates), so requests on the lanes
-    /// already open never wait for it.
-    fn lane(&self, lane: usize) -> Option<reqwest::Client> {
-        loop {
-            let open = {
-                let clients = self.clients.read().ok()?;
-                if let Some(client) = clients.get(lane) {
-                    return Some(client.clone());
-                }
-                clients.len()
-            };
-            match build_client(self.prior_knowledge, self.http1_only) {
-                Ok(built) => {
-                    let mut clients = self.clients.write().ok()?;
-                    // Another request may have added this lane meanwhile; then this one
-                    // is not needed.
-                    if clients.len() == open {
-                        clients.push(built);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot build another upstream client");
-                    return self.clients.read().ok()?.last().cloned();
-                }
-            }
+    /// The client of lane `lane`, built on first use.
+    fn lane(&self, lane: usize) -> Option<Upstream> {
+        if let Some(client) = self.clients.read().ok()?.get(lane) {
+            return Some(client.clone());
         }
+        let mut clients = self.clients.write().ok()?;
+        while clients.len() <= lane {
+            clients.push(build_client(&self.connector, self.prior_knowledge));
+        }
+        clients.get(lane).cloned()
     }
 }
 
-fn build_client(
-    prior_knowledge: bool,
-    http1_only: bool,
-) -> std::result::Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
+/// The connector of one family: TCP with `TCP_NODELAY` and a 10 s connect timeout, TLS on
+/// `https://` with the platform's certificate verifier, offering HTTP/2 and HTTP/1.1 by ALPN
+/// (HTTP/1.1 only when `http1_only`).
+fn connector(http1_only: bool) -> std::result::Result<HttpsConnector<HttpConnector>, String> {
+    use rustls_platform_verifier::ConfigVerifierExt;
+    let tls = rustls::ClientConfig::with_platform_verifier()
+        .map_err(|e| format!("cannot set up TLS certificate verification: {e}"))?;
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(Duration::from_secs(10)));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    Ok(if http1_only {
+        builder.enable_http1().wrap_connector(tcp)
+    } else {
+        builder.enable_http1().enable_http2().wrap_connector(tcp)
+    })
+}
+
+fn build_client(connector: &HttpsConnector<HttpConnector>, prior_knowledge: bool) -> Upstream {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
         // Enough idle connections for a busy upstream, without keeping thousands of
         // sockets (and their buffers) after a burst of long streams.
         .pool_max_idle_per_host(1024)
-        .tcp_nodelay(true)
         // Stream windows sized from the measured bandwidth-delay product: large answers
         // (embeddings) are not throttled on a distant upstream, and a slow reader does not
         // let megabytes pile up per stream.
+        .http2_adaptive_window(true)
+        .http2_only(prior_knowledge);
+    builder.build(connector.clone())
+}
+
+/// Whether the environment names a proxy for upstream requests.
+fn proxy_configured() -> bool {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
+}
+
+/// The client for proxied requests: reqwest, which reads the proxy variables.
+fn proxied_client(http1_only: bool) -> std::result::Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
         .http2_adaptive_window(true);
-    if prior_knowledge {
-        builder = builder.http2_prior_knowledge();
-    }
     if http1_only {
         builder = builder.http1_only();
     }
@@ -185,31 +238,46 @@ impl Lanes {
             .get_or_init(|| {
                 install_crypto_provider();
                 let options = options();
-                let negotiated = Family::new(false, options.http2 == Http2Mode::Off)?;
+                let http1_only = options.http2 == Http2Mode::Off;
+                let proxied = if proxy_configured() {
+                    tracing::info!("upstream requests go through the configured proxy");
+                    Some(proxied_client(http1_only)?)
+                } else {
+                    None
+                };
                 Ok(Lanes {
                     streams_per_connection: options.streams_per_connection.max(1),
-                    negotiated,
+                    negotiated: Family::new(false, http1_only)?,
                     prior_knowledge: match options.http2 {
                         Http2Mode::PriorKnowledge => Some(Family::new(true, false)?),
                         Http2Mode::Auto | Http2Mode::Off => None,
                     },
                     origins: RwLock::default(),
+                    proxied,
                 })
             })
             .as_ref()
             .map_err(Clone::clone)
     }
 
-    /// The client to send `url` with, and the lease it holds. Plain HTTP/1.1 takes the
-    /// first lane without a lease.
-    fn pick(&self, provider: ProviderKind, url: &reqwest::Url) -> (reqwest::Client, Option<Lease>) {
-        let family = match (url.scheme(), &self.prior_knowledge) {
-            ("http", Some(h2c)) if provider != ProviderKind::Ollama => h2c,
-            ("https", _) if !self.negotiated.http1_only => &self.negotiated,
-            _ => return (self.first(), None),
+    /// The client to send to `uri` (parsed from `url`) with, and the lease it holds. Plain
+    /// HTTP/1.1 takes the first lane without a lease.
+    fn pick(&self, provider: ProviderKind, url: &str, uri: &Uri) -> (Upstream, Option<Lease>) {
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return (self.negotiated.first.clone(), None),
         };
-        let Some(origin) = self.origin(&url[..url::Position::BeforePath]) else {
-            return (self.first(), None);
+        let family = match (https, &self.prior_knowledge) {
+            (false, Some(h2c)) if provider != ProviderKind::Ollama => h2c,
+            (true, _) if !self.negotiated.http1_only => &self.negotiated,
+            _ => return (self.negotiated.first.clone(), None),
+        };
+        // `scheme://authority`, as written in the URL the URI was parsed from.
+        let origin_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len());
+        let Some(origin) = url.get(..origin_len).and_then(|key| self.origin(key)) else {
+            return (self.negotiated.first.clone(), None);
         };
         let cap = self.streams_per_connection;
         let mut chosen = None;
@@ -238,12 +306,8 @@ impl Lanes {
         let lease = Lease { origin, lane };
         match family.lane(lane) {
             Some(client) => (client, Some(lease)),
-            None => (self.first(), Some(lease)),
+            None => (family.first.clone(), Some(lease)),
         }
-    }
-
-    fn first(&self) -> reqwest::Client {
-        self.negotiated.first.clone()
     }
 
     fn origin(&self, key: &str) -> Option<Arc<Origin>> {
@@ -270,68 +334,215 @@ impl Lanes {
     }
 }
 
-/// The client providers build their requests with; [`send`] chooses the connection.
-pub(crate) fn client(provider: ProviderKind) -> Result<reqwest::Client> {
+/// Checks that the upstream clients can be built (TLS set-up included), for providers to
+/// report a broken installation when they are built rather than on their first request.
+pub(crate) fn ready(provider: ProviderKind) -> Result<()> {
     Lanes::get()
-        .map(Lanes::first)
+        .map(|_| ())
         .map_err(|message| LlmError::Configuration {
             provider,
             message: format!("could not build the HTTP client: {message}"),
         })
 }
 
+/// A request to an upstream, built by a provider and sent by [`dispatch`] or [`send`].
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    method: Method,
+    url: String,
+    headers: HeaderMap,
+    body: Bytes,
+    /// A header that could not be set, reported when the request is sent.
+    invalid: Option<&'static str>,
+}
+
+impl Outgoing {
+    /// A request to `url` (an upstream endpoint).
+    pub(crate) fn new(method: Method, url: String) -> Self {
+        Self {
+            method,
+            url,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            invalid: None,
+        }
+    }
+
+    /// Sets a header. A value that cannot be a header value makes the request fail when it
+    /// is sent, naming the header.
+    pub(crate) fn header(mut self, name: impl Into<HeaderName>, value: &str) -> Self {
+        let name = name.into();
+        match HeaderValue::from_str(value) {
+            Ok(value) => {
+                self.headers.insert(name, value);
+            }
+            Err(_) => self.invalid = self.invalid.or(Some(header_label(&name))),
+        }
+        self
+    }
+
+    /// `Authorization: Bearer <token>`, marked sensitive.
+    pub(crate) fn bearer_auth(mut self, token: &str) -> Self {
+        let mut value = Vec::with_capacity(7 + token.len());
+        value.extend_from_slice(b"Bearer ");
+        value.extend_from_slice(token.as_bytes());
+        match HeaderValue::from_bytes(&value) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                self.headers.insert(header::AUTHORIZATION, value);
+            }
+            Err(_) => self.invalid = self.invalid.or(Some("authorization")),
+        }
+        self
+    }
+
+    /// The request body.
+    pub(crate) fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+}
+
+/// A header's name for error messages (the names providers set are all static).
+fn header_label(name: &HeaderName) -> &'static str {
+    match name.as_str() {
+        "x-api-key" => "x-api-key",
+        "openai-organization" => "openai-organization",
+        "authorization" => "authorization",
+        _ => "a header",
+    }
+}
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    message: String,
+    connect: bool,
+}
+
+impl SendError {
+    /// The connection could not be made (refused, unreachable, TLS handshake failed, timed
+    /// out connecting).
+    pub(crate) fn is_connect(&self) -> bool {
+        self.connect
+    }
+
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            connect: false,
+        }
+    }
+
+    fn from_error(url: &str, error: &(dyn std::error::Error + 'static), connect: bool) -> Self {
+        Self {
+            message: format!("error sending request to {url}: {}", describe(error)),
+            connect,
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// An error and its causes, `: `-separated (a cause its layer already quotes is not
+/// repeated).
+pub(crate) fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
 /// An upstream's answer and the lane it holds until the answer has been read.
 pub(crate) struct Answer {
-    response: reqwest::Response,
+    status: ::http::StatusCode,
+    headers: HeaderMap,
+    body: AnswerBody,
     lease: Option<Lease>,
 }
 
-/// Sends a built request on the lane chosen for its upstream.
+/// Sends a request on the lane chosen for its upstream.
 pub(crate) async fn dispatch(
     provider: ProviderKind,
-    request: reqwest::RequestBuilder,
-) -> std::result::Result<Answer, reqwest::Error> {
-    let (client, request) = request.build_split();
-    let request = request?;
-    let (client, lease) = match Lanes::get() {
-        Ok(lanes) => lanes.pick(provider, request.url()),
-        Err(_) => (client, None),
-    };
-    let response = client.execute(request).await?;
-    Ok(Answer { response, lease })
+    request: Outgoing,
+) -> std::result::Result<Answer, SendError> {
+    if let Some(header) = request.invalid {
+        return Err(SendError::new(format!(
+            "the value of {header} cannot be sent in an HTTP header"
+        )));
+    }
+    let lanes = Lanes::get().map_err(SendError::new)?;
+    if let Some(client) = &lanes.proxied {
+        return dispatch_proxied(client, request).await;
+    }
+    let Outgoing {
+        method,
+        url,
+        headers,
+        body,
+        ..
+    } = request;
+    let uri = Uri::try_from(url.as_str())
+        .ok()
+        .filter(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some())
+        .ok_or_else(|| {
+            SendError::new(format!(
+                "invalid upstream URL `{url}`: expected http:// or https:// and a host"
+            ))
+        })?;
+    let (client, lease) = lanes.pick(provider, &url, &uri);
+    let mut outgoing = ::http::Request::new(Full::new(body));
+    *outgoing.method_mut() = method;
+    *outgoing.uri_mut() = uri;
+    *outgoing.headers_mut() = headers;
+    let response = client
+        .request(outgoing)
+        .await
+        .map_err(|e| SendError::from_error(&url, &e, e.is_connect()))?;
+    let (parts, body) = response.into_parts();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.map_err(BoxError::from).boxed_unsync(),
+        lease,
+    })
 }
 
-/// A request to `url` (an upstream endpoint): parsed once per process and then cloned, where
-/// reqwest would parse the string (host name normalisation included) on every request. A URL
-/// that does not parse is handed over as it is, for reqwest to report.
-pub(crate) fn request_to(
+async fn dispatch_proxied(
     client: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-) -> reqwest::RequestBuilder {
-    /// Distinct endpoints kept; past it the cache starts over (base URLs come from settings).
-    const MAX_ENDPOINTS: usize = 1024;
-    static PARSED: OnceLock<RwLock<HashMap<String, reqwest::Url>>> = OnceLock::new();
-    let parsed = PARSED.get_or_init(Default::default);
-    let known = parsed
-        .read()
-        .ok()
-        .and_then(|endpoints| endpoints.get(&url).cloned());
-    if let Some(known) = known {
-        return client.request(method, known);
-    }
-    match reqwest::Url::parse(&url) {
-        Ok(fresh) => {
-            if let Ok(mut endpoints) = parsed.write() {
-                if endpoints.len() >= MAX_ENDPOINTS {
-                    endpoints.clear();
-                }
-                endpoints.insert(url, fresh.clone());
-            }
-            client.request(method, fresh)
-        }
-        Err(_) => client.request(method, url),
-    }
+    request: Outgoing,
+) -> std::result::Result<Answer, SendError> {
+    let response = client
+        .request(request.method, request.url.as_str())
+        .headers(request.headers)
+        .body(request.body)
+        .send()
+        .await
+        .map_err(|e| SendError::from_error(&request.url, &e, e.is_connect()))?;
+    let response = ::http::Response::from(response);
+    let (parts, body) = response.into_parts();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.map_err(BoxError::from).boxed_unsync(),
+        lease: None,
+    })
+}
+
+/// A request to `url` (an upstream endpoint).
+pub(crate) fn request_to(method: Method, url: String) -> Outgoing {
+    Outgoing::new(method, url)
 }
 
 /// Installs rustls' ring crypto provider for the process, unless one is installed already.
@@ -343,7 +554,7 @@ pub fn install_crypto_provider() {
 /// Sends a request; a non-2xx answer is read and classified by `parse_error`.
 pub(crate) async fn send(
     provider: ProviderKind,
-    request: reqwest::RequestBuilder,
+    request: Outgoing,
     parse_error: ErrorParser,
 ) -> Result<Answer> {
     let answer = dispatch(provider, request)
@@ -356,12 +567,21 @@ impl Answer {
     /// The answer itself when it is a success; otherwise its body read and classified by
     /// `parse_error`.
     pub(crate) async fn checked(self, parse_error: ErrorParser) -> Result<Self> {
-        let status = self.response.status();
-        if status.is_success() {
+        if self.status.is_success() {
             return Ok(self);
         }
-        let headers = self.response.headers().clone();
-        let body = self.response.bytes().await.unwrap_or_default();
+        let Answer {
+            status,
+            headers,
+            body,
+            lease,
+        } = self;
+        let body = body
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes())
+            .unwrap_or_default();
+        drop(lease);
         Err(parse_error(status.as_u16(), &headers, &body))
     }
 }
@@ -371,11 +591,15 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     provider: ProviderKind,
     answer: Answer,
 ) -> Result<T> {
-    let Answer { response, lease } = answer;
-    let body = response
-        .bytes()
+    let Answer { body, lease, .. } = answer;
+    let body = body
+        .collect()
         .await
-        .map_err(|e| LlmError::connection(provider, &e))?;
+        .map_err(|e| LlmError::Connection {
+            provider,
+            message: format!("error reading the answer: {}", describe(e.as_ref())),
+        })?
+        .to_bytes();
     drop(lease);
     parse_json(provider, &body)
 }
@@ -399,11 +623,14 @@ pub(crate) fn byte_stream(
     provider: ProviderKind,
     answer: Answer,
 ) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
-    let Answer { response, lease } = answer;
+    let Answer { body, lease, .. } = answer;
     // The lease lives as long as the stream, and goes when the stream ends or is dropped.
-    response.bytes_stream().map_err(move |e| {
+    BodyDataStream::new(body).map_err(move |e| {
         let _held = &lease;
-        LlmError::connection(provider, &e)
+        LlmError::Connection {
+            provider,
+            message: format!("error reading the stream: {}", describe(e.as_ref())),
+        }
     })
 }
 

@@ -1,7 +1,8 @@
 //! `bare-proxy`: the floor of the gateway's HTTP stack, for the load benchmark to measure
 //! beside the gateway. An axum server (as the gateway's, with `TCP_NODELAY`) forwards every
-//! request's method, path, content type, authorization and body to one upstream through a reqwest client
-//! set up as the gateway's (one pool, `TCP_NODELAY`) and answers with the upstream's status,
+//! request's method, path, content type, authorization and body to one upstream through
+//! hyper's pooled client set up as the gateway's (`TCP_NODELAY`, the same pool and HTTP/2
+//! settings) and answers with the upstream's status,
 //! content type and body, streamed through. No JSON, no authentication (the client's
 //! `Authorization` is passed on unchecked, as the fakes require one), no accounting: what is
 //! left is two HTTP exchanges per request on the same libraries.
@@ -17,12 +18,17 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::serve::ListenerExt;
+use bytes::Bytes;
 use clap::Parser;
+use http_body_util::{BodyDataStream, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Plain pass-through HTTP proxy (axum + reqwest).
+/// Plain pass-through HTTP proxy (axum + hyper's client).
 #[derive(Debug, Parser)]
 #[command(name = "bare-proxy", about)]
 struct Args {
@@ -39,7 +45,7 @@ struct Args {
 
 #[derive(Debug, Clone)]
 struct Upstream {
-    client: reqwest::Client,
+    client: Client<HttpConnector, Full<Bytes>>,
     base: String,
 }
 
@@ -53,23 +59,26 @@ async fn forward(State(upstream): State<Upstream>, request: Request) -> Response
         Err(error) => return (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut outgoing = upstream
-        .client
-        .request(parts.method, format!("{}{path}", upstream.base))
-        .body(body);
+    let mut outgoing = axum::http::Request::new(Full::new(body));
+    *outgoing.method_mut() = parts.method;
+    *outgoing.uri_mut() = match format!("{}{path}", upstream.base).parse() {
+        Ok(uri) => uri,
+        Err(error) => return (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
+    };
     for name in [header::CONTENT_TYPE, header::AUTHORIZATION] {
         if let Some(value) = parts.headers.get(&name) {
-            outgoing = outgoing.header(name, value);
+            outgoing.headers_mut().insert(name, value.clone());
         }
     }
-    match outgoing.send().await {
+    match upstream.client.request(outgoing).await {
         Ok(answer) => {
-            let mut response = Response::builder().status(answer.status().as_u16());
-            if let Some(content_type) = answer.headers().get(header::CONTENT_TYPE) {
+            let (head, body) = answer.into_parts();
+            let mut response = Response::builder().status(head.status.as_u16());
+            if let Some(content_type) = head.headers.get(header::CONTENT_TYPE) {
                 response = response.header(header::CONTENT_TYPE, content_type.as_bytes());
             }
             response
-                .body(Body::from_stream(answer.bytes_stream()))
+                .body(Body::from_stream(BodyDataStream::new(body)))
                 .unwrap_or_else(|error| {
                     (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
                 })
@@ -81,16 +90,16 @@ async fn forward(State(upstream): State<Upstream>, request: Request) -> Response
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut client = reqwest::Client::builder()
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
-        .tcp_nodelay(true)
-        .http2_adaptive_window(true);
-    if args.http2_prior_knowledge {
-        client = client.http2_prior_knowledge();
-    }
-    let client = client.build()?;
+        .http2_adaptive_window(true)
+        .http2_only(args.http2_prior_knowledge)
+        .build(connector);
     let upstream = Upstream {
         client,
         base: args.upstream.trim_end_matches('/').to_owned(),

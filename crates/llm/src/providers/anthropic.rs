@@ -4,14 +4,13 @@
 use std::borrow::Cow;
 
 use async_trait::async_trait;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{LlmError, Result, UpstreamFailure, retry_after_from_headers};
 use crate::factory::ProviderConfig;
-use crate::http;
+use crate::http::{self, HeaderMap, HeaderName};
 use crate::provider::{ChunkStream, LlmProvider};
 use crate::types::{
     AssistantMessage, Capabilities, CompletionRequest, CompletionResponse, Dialect,
@@ -36,20 +35,15 @@ const API_VERSION: &str = "2023-06-01";
 pub struct AnthropicProvider {
     config: ProviderConfig,
     base_url: String,
-    client: reqwest::Client,
 }
 
 impl AnthropicProvider {
     /// An adapter for this configuration. A missing API key is reported when a request is
     /// made, so a provider can be listed before it is configured.
     pub fn new(config: ProviderConfig) -> Result<Self> {
-        let client = http::client(PROVIDER)?;
+        http::ready(PROVIDER)?;
         let base_url = config.resolved_base_url();
-        Ok(Self {
-            config,
-            base_url,
-            client,
-        })
+        Ok(Self { config, base_url })
     }
 
     async fn post_messages(
@@ -70,13 +64,13 @@ impl AnthropicProvider {
         let body = messages_body(&self.config, request, stream)?;
         tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
         let url = format!("{}/v1/messages", self.base_url);
-        let mut builder = http::request_to(&self.client, reqwest::Method::POST, url)
-            .header("x-api-key", key)
-            .header("anthropic-version", API_VERSION)
-            .header(CONTENT_TYPE, "application/json")
+        let mut builder = http::request_to(http::Method::POST, url)
+            .header(HeaderName::from_static("x-api-key"), key)
+            .header(HeaderName::from_static("anthropic-version"), API_VERSION)
+            .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
         if stream {
-            builder = builder.header(ACCEPT, "text/event-stream");
+            builder = builder.header(http::header::ACCEPT, "text/event-stream");
         }
         http::send(PROVIDER, builder, parse_error).await
     }

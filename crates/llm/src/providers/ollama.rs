@@ -16,14 +16,13 @@ use std::collections::{BTreeMap, VecDeque};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use reqwest::header::HeaderMap;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{LlmError, Result, UpstreamFailure, retry_after_from_headers};
 use crate::factory::ProviderConfig;
-use crate::http;
+use crate::http::{self, HeaderMap};
 use crate::provider::{ChunkStream, LlmProvider};
 use crate::types::{
     AssistantMessage, Capabilities, CompletionRequest, CompletionResponse, Dialect,
@@ -39,23 +38,18 @@ const PROVIDER: ProviderKind = ProviderKind::Ollama;
 pub struct OllamaProvider {
     config: ProviderConfig,
     base_url: String,
-    client: reqwest::Client,
 }
 
 impl OllamaProvider {
     /// An adapter for this configuration.
     pub fn new(config: ProviderConfig) -> Result<Self> {
-        let client = http::client(PROVIDER)?;
+        http::ready(PROVIDER)?;
         let base_url = config.resolved_base_url();
-        Ok(Self {
-            config,
-            base_url,
-            client,
-        })
+        Ok(Self { config, base_url })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let builder = http::request_to(&self.client, method, format!("{}{path}", self.base_url));
+    fn request(&self, method: http::Method, path: &str) -> http::Outgoing {
+        let builder = http::request_to(method, format!("{}{path}", self.base_url));
         match &self.config.api_key {
             Some(key) => builder.bearer_auth(key.expose_secret()),
             None => builder,
@@ -64,7 +58,7 @@ impl OllamaProvider {
 
     /// Sends a request. A refused connection gets advice about `ollama serve`: unlike the
     /// hosted providers, a local server that is not running is the usual cause.
-    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<http::Answer> {
+    async fn send(&self, builder: http::Outgoing) -> Result<http::Answer> {
         let answer = http::dispatch(PROVIDER, builder).await.map_err(|error| {
             let described = LlmError::connection(PROVIDER, &error);
             match described {
@@ -87,8 +81,8 @@ impl OllamaProvider {
         let body = chat_body(request, &self.config, stream)?;
         tracing::debug!(model = %self.model_for(request), stream, "ollama chat request");
         self.send(
-            self.request(reqwest::Method::POST, "/api/chat")
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+            self.request(http::Method::POST, "/api/chat")
+                .header(http::header::CONTENT_TYPE, "application/json")
                 .body(body),
         )
         .await
@@ -174,8 +168,8 @@ impl LlmProvider for OllamaProvider {
         .map_err(|e| invalid(format!("could not serialise the request: {e}")))?;
         let response = self
             .send(
-                self.request(reqwest::Method::POST, "/api/embed")
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                self.request(http::Method::POST, "/api/embed")
+                    .header(http::header::CONTENT_TYPE, "application/json")
                     .body(body),
             )
             .await?;
@@ -200,7 +194,7 @@ impl LlmProvider for OllamaProvider {
 
     async fn list_models(&self) -> Result<Vec<String>> {
         let response = self
-            .send(self.request(reqwest::Method::GET, "/api/tags"))
+            .send(self.request(http::Method::GET, "/api/tags"))
             .await?;
         let wire: WireTags = http::read_json(PROVIDER, response).await?;
         Ok(wire.models.into_iter().map(|m| m.name).collect())

@@ -2,14 +2,13 @@
 //! calls with JSON-string arguments, embeddings and the model list.
 
 use async_trait::async_trait;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{LlmError, Result, UpstreamFailure, retry_after_from_headers};
 use crate::factory::ProviderConfig;
-use crate::http;
+use crate::http::{self, HeaderMap, HeaderName};
 use crate::provider::{ChunkStream, LlmProvider};
 use crate::types::{
     AssistantMessage, Capabilities, CompletionRequest, CompletionResponse, Dialect,
@@ -29,23 +28,18 @@ const PROVIDER: ProviderKind = ProviderKind::OpenAi;
 pub struct OpenAiProvider {
     config: ProviderConfig,
     base_url: String,
-    client: reqwest::Client,
 }
 
 impl OpenAiProvider {
     /// An adapter for this configuration. A missing API key is reported when a request is
     /// made, so a provider can be listed before it is configured.
     pub fn new(config: ProviderConfig) -> Result<Self> {
-        let client = http::client(PROVIDER)?;
+        http::ready(PROVIDER)?;
         let base_url = config.resolved_base_url();
-        Ok(Self {
-            config,
-            base_url,
-            client,
-        })
+        Ok(Self { config, base_url })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder> {
+    fn request(&self, method: http::Method, path: &str) -> Result<http::Outgoing> {
         let key = self
             .config
             .api_key
@@ -57,15 +51,14 @@ impl OpenAiProvider {
                 message: "no API key configured: set OPENAI_API_KEY".into(),
             })?;
         let mut builder =
-            http::request_to(&self.client, method, format!("{}{path}", self.base_url))
-                .bearer_auth(key);
+            http::request_to(method, format!("{}{path}", self.base_url)).bearer_auth(key);
         if let Some(org) = self
             .config
             .organization
             .as_deref()
             .filter(|o| !o.is_empty())
         {
-            builder = builder.header("OpenAI-Organization", org);
+            builder = builder.header(HeaderName::from_static("openai-organization"), org);
         }
         Ok(builder)
     }
@@ -74,11 +67,11 @@ impl OpenAiProvider {
         let body = chat_body(&self.config, request, stream)?;
         tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "chat completion request");
         let mut builder = self
-            .request(reqwest::Method::POST, "/v1/chat/completions")?
-            .header(CONTENT_TYPE, "application/json")
+            .request(http::Method::POST, "/v1/chat/completions")?
+            .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
         if stream {
-            builder = builder.header(ACCEPT, "text/event-stream");
+            builder = builder.header(http::header::ACCEPT, "text/event-stream");
         }
         http::send(PROVIDER, builder, parse_error).await
     }
@@ -120,8 +113,8 @@ impl LlmProvider for OpenAiProvider {
             })?;
         let body = embed_body(model, request)?;
         let builder = self
-            .request(reqwest::Method::POST, "/v1/embeddings")?
-            .header(CONTENT_TYPE, "application/json")
+            .request(http::Method::POST, "/v1/embeddings")?
+            .header(http::header::CONTENT_TYPE, "application/json")
             .body(body);
         let response = http::send(PROVIDER, builder, parse_error).await?;
         let body: EmbedResponse = http::read_json(PROVIDER, response).await?;
@@ -129,7 +122,7 @@ impl LlmProvider for OpenAiProvider {
     }
 
     async fn list_models(&self) -> Result<Vec<String>> {
-        let builder = self.request(reqwest::Method::GET, "/v1/models")?;
+        let builder = self.request(http::Method::GET, "/v1/models")?;
         let response = http::send(PROVIDER, builder, parse_error).await?;
         let body: ModelList = http::read_json(PROVIDER, response).await?;
         let mut ids: Vec<String> = body.data.into_iter().map(|m| m.id).collect();
@@ -276,14 +269,13 @@ struct EmbedBody<'a> {
 
 /// Reasoning models take `max_completion_tokens` and reject `max_tokens`.
 fn is_reasoning_model(model: &str) -> bool {
-    let model = model
-        .rsplit('/')
-        .next()
-        .unwrap_or(model)
-        .to_ascii_lowercase();
-    ["o1", "o3", "o4", "gpt-5"]
-        .iter()
-        .any(|family| model == *family || model.starts_with(&format!("{family}-")))
+    let model = model.rsplit('/').next().unwrap_or(model).as_bytes();
+    ["o1", "o3", "o4", "gpt-5"].iter().any(|family| {
+        let family = family.as_bytes();
+        model.len() >= family.len()
+            && model[..family.len()].eq_ignore_ascii_case(family)
+            && matches!(model.get(family.len()), None | Some(b'-'))
+    })
 }
 
 fn wire_message(message: &Message) -> WireMessage<'_> {

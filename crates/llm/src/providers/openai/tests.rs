@@ -197,6 +197,13 @@ fn reasoning_models_take_max_completion_tokens() {
         ("gpt-4o", false),
         ("gpt-4.1-mini", false),
         ("omni-moderation", false),
+        ("O3-Mini", true),
+        ("azure/o1", true),
+        ("openai/gpt-5-mini", true),
+        ("o10", false),
+        ("gpt-50", false),
+        ("o", false),
+        ("", false),
     ] {
         let body: Value =
             serde_json::from_slice(&chat_body(&config(model), &request, false).unwrap()).unwrap();
