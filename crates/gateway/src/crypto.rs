@@ -529,7 +529,12 @@ pub fn hash_api_key(key: &str) -> String {
 /// reveals nothing about how much of a hash matched.
 #[must_use]
 pub fn verify_api_key(presented: &str, stored_hash: &str) -> bool {
-    let computed = hash_api_key(presented);
+    hashes_match(&hash_api_key(presented), stored_hash)
+}
+
+/// Whether two key hashes are equal, compared in constant time.
+#[must_use]
+pub fn hashes_match(computed: &str, stored_hash: &str) -> bool {
     // `ct_eq` on slices of different lengths is false without comparing contents; the length
     // of a hash is not secret.
     computed.as_bytes().ct_eq(stored_hash.as_bytes()).into()

@@ -91,15 +91,15 @@ impl Dialect for AnthropicDialect {
         format!("msg_{}", request_id.simple())
     }
 
-    fn answer_json(
+    fn answer_body(
         &self,
         response: &CompletionResponse,
         id: &str,
         _created: i64,
         model: &str,
         cost_usd: &str,
-    ) -> serde_json::Value {
-        message_json(response, id, model, Some(cost_usd))
+    ) -> Vec<u8> {
+        serde_json::to_vec(&message_json(response, id, model, Some(cost_usd))).unwrap_or_default()
     }
 
     fn stream_encoder(

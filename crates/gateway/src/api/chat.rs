@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::HeaderValue;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
 use meta_chat_llm::{
     ChunkStream, CompletionRequest, CompletionResponse, ProviderKind, StreamAccumulator,
@@ -36,15 +36,15 @@ pub trait Dialect: Send + Sync + 'static {
     /// The id of the answer to request `request_id` (`chatcmpl-…`, `msg_…`).
     fn response_id(&self, request_id: uuid::Uuid) -> String;
 
-    /// A complete answer as JSON, with its cost.
-    fn answer_json(
+    /// A complete answer, serialized as JSON, with its cost.
+    fn answer_body(
         &self,
         response: &CompletionResponse,
         id: &str,
         created: i64,
         model: &str,
         cost_usd: &str,
-    ) -> serde_json::Value;
+    ) -> Vec<u8>;
 
     /// An encoder for one streamed answer.
     fn stream_encoder(
@@ -211,7 +211,7 @@ pub async fn serve<D: Dialect>(
     } else {
         served.value.model.as_str()
     };
-    let json = dialect.answer_json(&served.value, &reply.id, reply.created, shown_model, &cost);
+    let body = dialect.answer_body(&served.value, &reply.id, reply.created, shown_model, &cost);
     if let Some(fill) = cache_fill {
         fill.cache.put_later(
             fill.key,
@@ -223,7 +223,7 @@ pub async fn serve<D: Dialect>(
             fill.ttl,
         );
     }
-    let mut response = axum::Json(json).into_response();
+    let mut response = json_response(body);
     set_headers(
         &mut response,
         served.provider,
@@ -306,8 +306,8 @@ fn cached_answer<D: Dialect>(
     } else {
         hit.response.model.as_str()
     };
-    let json = dialect.answer_json(&hit.response, &reply.id, reply.created, shown_model, &cost);
-    let mut response = axum::Json(json).into_response();
+    let body = dialect.answer_body(&hit.response, &reply.id, reply.created, shown_model, &cost);
+    let mut response = json_response(body);
     set_headers(
         &mut response,
         hit.provider,
@@ -504,4 +504,13 @@ impl<E: StreamEncoder> Drop for Relay<E> {
             self.context.meter.record(&outcome);
         }
     }
+}
+
+/// A 200 answer with a JSON body already serialized.
+fn json_response(body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }

@@ -32,7 +32,7 @@ use super::error::ApiError;
 use super::json::RawBody;
 use super::metering::{self, Meter, Outcome};
 use super::openai_codec::{
-    ChunkEncoder, SSE_DONE, completion_json, embeddings_json, models_json, parse_chat_request,
+    ChunkEncoder, SSE_DONE, completion_bytes, embeddings_json, models_json, parse_chat_request,
     parse_embeddings_request, sse_data,
 };
 use crate::routing;
@@ -445,15 +445,15 @@ impl Dialect for OpenAiDialect {
         format!("chatcmpl-{}", request_id.simple())
     }
 
-    fn answer_json(
+    fn answer_body(
         &self,
         response: &CompletionResponse,
         id: &str,
         created: i64,
         model: &str,
         cost_usd: &str,
-    ) -> serde_json::Value {
-        completion_json(response, id, created, model, Some(cost_usd))
+    ) -> Vec<u8> {
+        completion_bytes(response, id, created, model, Some(cost_usd))
     }
 
     fn stream_encoder(
@@ -553,13 +553,19 @@ pub(super) fn set_headers(
     if let Some(cost) = cost {
         put(COST_HEADER, cost);
     }
-    put(REQUEST_ID_HEADER, &request_id.to_string());
+    put(
+        REQUEST_ID_HEADER,
+        request_id
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
     put(OVERHEAD_HEADER, &overhead_ms(overhead));
 }
 
 /// The value of [`OVERHEAD_HEADER`]: milliseconds, to the microsecond.
 fn overhead_ms(overhead: Duration) -> String {
-    format!("{:.3}", overhead.as_secs_f64() * 1000.0)
+    let micros = overhead.as_micros();
+    format!("{}.{:03}", micros / 1000, micros % 1000)
 }
 
 /// Records the failed request (when a provider was reached) and answers with the last error.
@@ -655,6 +661,19 @@ pub fn llm_error(error: &LlmError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overhead_is_written_in_milliseconds_to_the_microsecond() {
+        for (overhead, text) in [
+            (Duration::ZERO, "0.000"),
+            (Duration::from_nanos(999), "0.000"),
+            (Duration::from_micros(62), "0.062"),
+            (Duration::from_micros(1_500), "1.500"),
+            (Duration::from_millis(12_345), "12345.000"),
+        ] {
+            assert_eq!(overhead_ms(overhead), text);
+        }
+    }
 
     #[test]
     fn errors_map_to_openai_statuses() {

@@ -17,6 +17,7 @@ use meta_chat_llm::types::{
     CompletionRequest, CompletionResponse, Dialect, EmbeddingRequest, EmbeddingResponse, Extra,
     FinishReason, Message, StreamChunk, Tool, ToolCall, ToolChoice, Usage, parse_arguments,
 };
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::codec_util::{
@@ -24,6 +25,7 @@ use super::codec_util::{
 };
 use super::error::ApiError;
 
+mod fast;
 #[cfg(test)]
 mod tests;
 
@@ -111,6 +113,14 @@ pub struct ChatCompletionsRequest {
 /// `max_tokens`, an unknown role or tool choice; `unsupported_content` for image, audio or
 /// file parts; `unsupported_role` for the legacy `function` role.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatCompletionsRequest, ApiError> {
+    match fast::parse(body) {
+        Some(request) => Ok(request),
+        None => parse_chat_request_tree(body),
+    }
+}
+
+/// [`parse_chat_request`] through a JSON tree: every request shape, and the errors.
+fn parse_chat_request_tree(body: &[u8]) -> Result<ChatCompletionsRequest, ApiError> {
     let body = parse_body(body)?;
 
     let messages = match present(body.get("messages")) {
@@ -243,26 +253,36 @@ fn is_chat_field(key: &str) -> bool {
 }
 
 fn parse_message(i: usize, value: &Value) -> Parsed<Message> {
-    let path = format!("messages[{i}]");
+    // Field paths are written out only for errors: most messages have none.
     let message = match value {
         Value::Object(map) => map,
-        other => return Err(Field::invalid_type(&path, "an object", other)),
+        other => {
+            return Err(Field::invalid_type(
+                &format!("messages[{i}]"),
+                "an object",
+                other,
+            ));
+        }
     };
-    let role_path = format!("{path}.role");
-    let role = Field::req_str(message.get("role"), &role_path)?;
-    let content_path = format!("{path}.content");
+    let role_path = || format!("messages[{i}].role");
+    let role = match message.get("role") {
+        Some(Value::String(role)) => role.as_str(),
+        other => Field::req_str(other, &role_path())?,
+    };
+    let content_path = || format!("messages[{i}].content");
     let content = message.get("content");
     match role {
         "system" | "developer" => Ok(Message::System {
-            content: text_content(content, &content_path, false)?
-                .ok_or_else(|| Field::missing(&content_path))?,
+            content: text_content(content, content_path, false)?
+                .ok_or_else(|| Field::missing(&content_path()))?,
         }),
         "user" => Ok(Message::User {
-            content: text_content(content, &content_path, false)?
-                .ok_or_else(|| Field::missing(&content_path))?,
+            content: text_content(content, content_path, false)?
+                .ok_or_else(|| Field::missing(&content_path()))?,
         }),
         "assistant" => {
-            let content = text_content(content, &content_path, true)?.unwrap_or_default();
+            let path = format!("messages[{i}]");
+            let content = text_content(content, content_path, true)?.unwrap_or_default();
             let mut tool_calls = Vec::new();
             let calls_path = format!("{path}.tool_calls");
             if let Some(calls) = Field::opt_array(message.get("tool_calls"), &calls_path)? {
@@ -289,22 +309,24 @@ fn parse_message(i: usize, value: &Value) -> Parsed<Message> {
             })
         }
         "tool" => {
-            let tool_call_id =
-                Field::req_str(message.get("tool_call_id"), &format!("{path}.tool_call_id"))?;
+            let tool_call_id = Field::req_str(
+                message.get("tool_call_id"),
+                &format!("messages[{i}].tool_call_id"),
+            )?;
             Ok(Message::Tool {
                 tool_call_id: tool_call_id.to_owned(),
-                content: text_content(content, &content_path, false)?
-                    .ok_or_else(|| Field::missing(&content_path))?,
+                content: text_content(content, content_path, false)?
+                    .ok_or_else(|| Field::missing(&content_path()))?,
             })
         }
         "function" => Err(bad_request(
             "unsupported_role",
-            role_path,
+            role_path(),
             "the legacy `function` role is not supported: answer tool calls with `tool` \
              messages carrying `tool_call_id`",
         )),
         other => Err(invalid_value(
-            &role_path,
+            &role_path(),
             format!(
                 "unknown role `{other}`: expected one of system, developer, user, assistant, tool"
             ),
@@ -313,20 +335,26 @@ fn parse_message(i: usize, value: &Value) -> Parsed<Message> {
 }
 
 /// Message content: a string, or an array of text parts joined together. `Ok(None)` when
-/// absent or null. `refusals` accepts assistant `refusal` parts as text.
-fn text_content(value: Option<&Value>, path: &str, refusals: bool) -> Parsed<Option<String>> {
+/// absent or null. `refusals` accepts assistant `refusal` parts as text. `path` writes the
+/// field's path, for errors.
+fn text_content(
+    value: Option<&Value>,
+    path: impl Fn() -> String,
+    refusals: bool,
+) -> Parsed<Option<String>> {
     let parts = match present(value) {
         None => return Ok(None),
         Some(Value::String(s)) => return Ok(Some(s.clone())),
         Some(Value::Array(parts)) => parts,
         Some(other) => {
             return Err(Field::invalid_type(
-                path,
+                &path(),
                 "a string or an array of content parts",
                 other,
             ));
         }
     };
+    let path = path();
     let mut text = String::new();
     for (j, part) in parts.iter().enumerate() {
         let part_path = format!("{path}[{j}]");
@@ -350,7 +378,7 @@ fn text_content(value: Option<&Value>, path: &str, refusals: bool) -> Parsed<Opt
             | "input_file") => {
                 return Err(bad_request(
                     "unsupported_content",
-                    path,
+                    path.as_str(),
                     format!("content parts of type `{kind}` are not supported: send text only"),
                 ));
             }
@@ -535,46 +563,117 @@ pub fn completion_json(
     model: &str,
     cost_usd: Option<&str>,
 ) -> Value {
+    serde_json::to_value(completion_body(response, id, created, model, cost_usd))
+        .unwrap_or(Value::Null)
+}
+
+/// [`completion_json`] written straight to bytes, without building a JSON tree: the answer
+/// the handler sends.
+pub fn completion_bytes(
+    response: &CompletionResponse,
+    id: &str,
+    created: i64,
+    model: &str,
+    cost_usd: Option<&str>,
+) -> Vec<u8> {
+    serde_json::to_vec(&completion_body(response, id, created, model, cost_usd)).unwrap_or_default()
+}
+
+fn completion_body<'a>(
+    response: &'a CompletionResponse,
+    id: &'a str,
+    created: i64,
+    model: &'a str,
+    cost_usd: Option<&'a str>,
+) -> CompletionBody<'a> {
     let reply = &response.message;
-    let mut message = Map::new();
-    message.insert("role".into(), "assistant".into());
-    message.insert(
-        "content".into(),
-        if reply.content.is_empty() && !reply.tool_calls.is_empty() {
-            Value::Null
-        } else {
-            Value::String(reply.content.clone())
-        },
-    );
-    if !reply.tool_calls.is_empty() {
-        let calls = reply
-            .tool_calls
-            .iter()
-            .map(|call| {
-                json!({
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": arguments_text(&call.arguments)},
-                })
-            })
-            .collect();
-        message.insert("tool_calls".into(), Value::Array(calls));
-    }
-    message.insert("refusal".into(), Value::Null);
-    json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": null,
-            "finish_reason": finish_reason(response.finish_reason),
+    CompletionBody {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: [ChoiceBody {
+            index: 0,
+            message: MessageBody {
+                role: "assistant",
+                content: (!reply.content.is_empty() || reply.tool_calls.is_empty())
+                    .then_some(reply.content.as_str()),
+                tool_calls: reply
+                    .tool_calls
+                    .iter()
+                    .map(|call| ToolCallBody {
+                        id: &call.id,
+                        kind: "function",
+                        function: FunctionCallBody {
+                            name: &call.name,
+                            arguments: arguments_text(&call.arguments),
+                        },
+                    })
+                    .collect(),
+                refusal: None,
+            },
+            logprobs: None,
+            finish_reason: finish_reason(response.finish_reason),
         }],
-        "usage": usage_json(response.usage, cost_usd),
-        "system_fingerprint": null,
-    })
+        usage: UsageBody {
+            prompt_tokens: response.usage.input_tokens,
+            completion_tokens: response.usage.output_tokens,
+            total_tokens: response.usage.total(),
+            cost_usd,
+        },
+        system_fingerprint: None,
+    }
+}
+
+#[derive(Serialize)]
+struct CompletionBody<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: [ChoiceBody<'a>; 1],
+    usage: UsageBody<'a>,
+    system_fingerprint: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ChoiceBody<'a> {
+    index: u32,
+    message: MessageBody<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct MessageBody<'a> {
+    role: &'static str,
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallBody<'a>>,
+    refusal: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ToolCallBody<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionCallBody<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionCallBody<'a> {
+    name: &'a str,
+    arguments: String,
+}
+
+#[derive(Serialize)]
+struct UsageBody<'a> {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<&'a str>,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -913,3 +913,209 @@ fn models_list() {
     );
     assert_eq!(models_json(&[]), json!({"object": "list", "data": []}));
 }
+
+// ---------------------------------------------------------------------------------------
+// The typed reader of common requests against the tree parser.
+
+mod fast_path {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::super::{fast, parse_chat_request_tree};
+
+    /// Values for a field: the right types, edge values and wrong types.
+    fn value_from(choices: Vec<Value>) -> impl Strategy<Value = Value> {
+        prop::sample::select(choices)
+    }
+
+    fn text() -> impl Strategy<Value = Value> {
+        value_from(vec![
+            json!("Hello"),
+            json!(""),
+            json!("quote \" and \\ and \n and é and \u{1F600}"),
+            json!(null),
+            json!(5),
+            json!(true),
+            json!([{"type": "text", "text": "part"}]),
+            json!({"text": "x"}),
+        ])
+    }
+
+    fn message() -> impl Strategy<Value = Value> {
+        (
+            value_from(vec![
+                json!("system"),
+                json!("developer"),
+                json!("user"),
+                json!("assistant"),
+                json!("tool"),
+                json!("function"),
+                json!("robot"),
+                json!(null),
+                json!(3),
+            ]),
+            prop::option::of(text()),
+            prop::option::of(value_from(vec![json!("call_1"), json!(null), json!(7)])),
+            prop::option::of(value_from(vec![
+                json!(null),
+                json!([]),
+                json!([{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+            ])),
+            prop::option::of(value_from(vec![json!(null), json!({"name": "f"})])),
+            prop::option::of(value_from(vec![json!("Ann"), json!(null)])),
+        )
+            .prop_map(|(role, content, call_id, calls, legacy, name)| {
+                let mut m = Map::new();
+                m.insert("role".into(), role);
+                for (key, value) in [
+                    ("content", content),
+                    ("tool_call_id", call_id),
+                    ("tool_calls", calls),
+                    ("function_call", legacy),
+                    ("name", name),
+                ] {
+                    if let Some(value) = value {
+                        m.insert(key.into(), value);
+                    }
+                }
+                Value::Object(m)
+            })
+    }
+
+    fn field() -> impl Strategy<Value = (&'static str, Value)> {
+        let number = || {
+            value_from(vec![
+                json!(0),
+                json!(1),
+                json!(256),
+                json!(4_294_967_295_u64),
+                json!(4_294_967_296_u64),
+                json!(-1),
+                json!(0.5),
+                json!(1.5),
+                json!(2.5),
+                json!(256.0),
+                json!(null),
+                json!("7"),
+            ])
+        };
+        prop_oneof![
+            value_from(vec![
+                json!("gpt-4o-mini"),
+                json!("default"),
+                json!(""),
+                json!(null),
+                json!(4)
+            ])
+            .prop_map(|v| ("model", v)),
+            number().prop_map(|v| ("max_tokens", v)),
+            number().prop_map(|v| ("max_completion_tokens", v)),
+            number().prop_map(|v| ("temperature", v)),
+            number().prop_map(|v| ("top_p", v)),
+            value_from(vec![
+                json!("END"),
+                json!(["a", "b"]),
+                json!([]),
+                json!(["a", null]),
+                json!(null),
+                json!(3)
+            ])
+            .prop_map(|v| ("stop", v)),
+            value_from(vec![json!(true), json!(false), json!(null), json!("yes")])
+                .prop_map(|v| ("stream", v)),
+            value_from(vec![
+                json!({"include_usage": true}),
+                json!({"include_usage": null}),
+                json!({"other": 1}),
+                json!(null),
+                json!(true)
+            ])
+            .prop_map(|v| ("stream_options", v)),
+            value_from(vec![json!({"conversation_id": "c-1"}), json!(null)])
+                .prop_map(|v| ("metadata", v)),
+            value_from(vec![json!("user-1"), json!(null)]).prop_map(|v| ("user", v)),
+            value_from(vec![json!([]), json!(null), json!("auto")]).prop_map(|v| ("tools", v)),
+            value_from(vec![json!("auto"), json!(null)]).prop_map(|v| ("tool_choice", v)),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = Value> {
+        (
+            prop::option::of(prop_oneof![
+                prop::collection::vec(message(), 0..4).prop_map(Value::Array),
+                value_from(vec![json!(null), json!("hi"), json!({})]),
+            ]),
+            prop::collection::vec(field(), 0..6),
+        )
+            .prop_map(|(messages, fields)| {
+                let mut body = Map::new();
+                if let Some(messages) = messages {
+                    body.insert("messages".into(), messages);
+                }
+                body.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+                Value::Object(body)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Whenever the typed reader accepts a request, the tree parser reads the same.
+        #[test]
+        fn the_typed_reader_agrees_with_the_tree_parser(body in request()) {
+            let text = body.to_string();
+            if let Some(fast) = fast::parse(text.as_bytes()) {
+                let tree = parse_chat_request_tree(text.as_bytes());
+                prop_assert_eq!(Ok(&fast), tree.as_ref().map_err(|e| &e.message), "{}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn common_requests_take_the_typed_reader() {
+        for body in [
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}),
+            json!({
+                "model": "gpt-4o-mini",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi", "name": "ann"},
+                    {"role": "assistant", "content": "Hello", "tool_calls": null},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "{}"},
+                ],
+                "max_tokens": 256,
+                "temperature": 0.2,
+                "top_p": 1,
+                "stop": ["\n\n"],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            }),
+        ] {
+            let text = body.to_string();
+            let fast = fast::parse(text.as_bytes()).expect("the typed reader takes it");
+            assert_eq!(
+                Ok(fast),
+                parse_chat_request_tree(text.as_bytes()).map_err(|e| e.message)
+            );
+        }
+    }
+
+    #[test]
+    fn other_requests_go_to_the_tree_parser() {
+        for body in [
+            "not json".to_owned(),
+            json!([1]).to_string(),
+            json!({"messages": []}).to_string(),
+            json!({"messages": [{"role": "user", "content": "a"}], "user": "u"}).to_string(),
+            json!({"messages": [{"role": "user", "content": "a"}], "tools": []}).to_string(),
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})
+                .to_string(),
+            json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 0}).to_string(),
+            json!({"messages": [{"role": "user", "content": "a"}], "temperature": 3}).to_string(),
+            r#"{"messages": [{"role": "user", "content": "a"}], "model": "a", "model": "b"}"#
+                .to_owned(),
+        ] {
+            assert!(fast::parse(body.as_bytes()).is_none(), "{body}");
+        }
+    }
+}
