@@ -50,6 +50,9 @@ async fn messages(
             request: parsed.request,
             stream: parsed.stream,
         };
+        // Slices of the connection's read buffer, released before the upstream is awaited
+        // (as for chat completions).
+        drop((headers, body));
         chat::serve(state, arrival, call, AnthropicDialect).await
     }
     .await;

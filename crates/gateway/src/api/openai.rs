@@ -422,6 +422,10 @@ async fn chat_completions(
         request: parsed.request,
         stream: parsed.stream,
     };
+    // The header values and the body are slices of the connection's read buffer: released
+    // before the upstream is awaited, the buffer can be reused to read the connection's next
+    // bytes instead of a second one being allocated for every request in flight.
+    drop((headers, body));
     chat::serve(
         state,
         arrival,
