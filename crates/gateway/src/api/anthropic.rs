@@ -15,7 +15,7 @@ use meta_chat_llm::{CompletionResponse, StreamChunk, Usage};
 
 use super::AppState;
 use super::anthropic_codec::{
-    EventEncoder, count_tokens_request, error_json, message_json, parse_messages_request,
+    EventEncoder, count_tokens_request, error_json, message_bytes, parse_messages_request,
 };
 use super::auth::Caller;
 use super::chat::{self, ChatCall, Dialect, StreamEncoder};
@@ -102,7 +102,7 @@ impl Dialect for AnthropicDialect {
         model: &str,
         cost_usd: &str,
     ) -> Vec<u8> {
-        serde_json::to_vec(&message_json(response, id, model, Some(cost_usd))).unwrap_or_default()
+        message_bytes(response, id, model, Some(cost_usd))
     }
 
     fn stream_encoder(

@@ -18,11 +18,14 @@
 //! earlier assistant turns. Image, document and other non-text content and server tools are
 //! refused with a 400 naming the field.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use meta_chat_llm::types::{
     CompletionRequest, CompletionResponse, Dialect, Extra, FinishReason, Message, StreamChunk,
     Tool, ToolCall, ToolChoice, Usage, parse_arguments,
 };
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::codec_util::{
@@ -563,14 +566,14 @@ pub fn stop_reason(reason: FinishReason) -> &'static str {
 
 /// `tool_use.input` is an object. Arguments kept as JSON text are parsed back when they
 /// hold an object; a model's arguments that were not JSON at all are sent as they are.
-fn tool_input(arguments: &Value) -> Value {
+fn tool_input(arguments: &Value) -> Cow<'_, Value> {
     match arguments {
-        Value::Null => Value::Object(Map::new()),
+        Value::Null => Cow::Owned(Value::Object(Map::new())),
         Value::String(text) => match parse_arguments(text) {
-            object @ Value::Object(_) => object,
-            _ => arguments.clone(),
+            object @ Value::Object(_) => Cow::Owned(object),
+            _ => Cow::Borrowed(arguments),
         },
-        other => other.clone(),
+        other => Cow::Borrowed(other),
     }
 }
 
@@ -599,29 +602,86 @@ pub fn message_json(
     model: &str,
     cost_usd: Option<&str>,
 ) -> Value {
+    serde_json::to_value(message_body(response, id, model, cost_usd)).unwrap_or(Value::Null)
+}
+
+/// [`message_json`] written straight to bytes, without building a JSON tree: the answer the
+/// handler sends.
+pub fn message_bytes(
+    response: &CompletionResponse,
+    id: &str,
+    model: &str,
+    cost_usd: Option<&str>,
+) -> Vec<u8> {
+    serde_json::to_vec(&message_body(response, id, model, cost_usd)).unwrap_or_default()
+}
+
+fn message_body<'a>(
+    response: &'a CompletionResponse,
+    id: &'a str,
+    model: &'a str,
+    cost_usd: Option<&'a str>,
+) -> MessageBody<'a> {
     let reply = &response.message;
     let mut content = Vec::with_capacity(reply.tool_calls.len() + 1);
     if !reply.content.is_empty() {
-        content.push(json!({"type": "text", "text": reply.content}));
+        content.push(ContentBlock::Text {
+            text: &reply.content,
+        });
     }
-    content.extend(reply.tool_calls.iter().map(|call| {
-        json!({
-            "type": "tool_use",
-            "id": call.id,
-            "name": call.name,
-            "input": tool_input(&call.arguments),
-        })
+    content.extend(reply.tool_calls.iter().map(|call| ContentBlock::ToolUse {
+        id: &call.id,
+        name: &call.name,
+        input: tool_input(&call.arguments),
     }));
-    json!({
-        "id": id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": stop_reason(response.finish_reason),
-        "stop_sequence": null,
-        "usage": usage_json(response.usage, cost_usd),
-    })
+    MessageBody {
+        id,
+        kind: "message",
+        role: "assistant",
+        model,
+        content,
+        stop_reason: stop_reason(response.finish_reason),
+        stop_sequence: None,
+        usage: UsageBody {
+            input_tokens: response.usage.input_tokens,
+            output_tokens: response.usage.output_tokens,
+            cost_usd,
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct MessageBody<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<ContentBlock<'a>>,
+    stop_reason: &'static str,
+    stop_sequence: Option<&'static str>,
+    usage: UsageBody<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ContentBlock<'a> {
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: Cow<'a, Value>,
+    },
+}
+
+#[derive(Serialize)]
+struct UsageBody<'a> {
+    input_tokens: u64,
+    output_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<&'a str>,
 }
 
 // ---------------------------------------------------------------------------------------
