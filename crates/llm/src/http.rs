@@ -352,8 +352,8 @@ pub(crate) struct Outgoing {
     url: String,
     headers: HeaderMap,
     body: Bytes,
-    /// A header that could not be set, reported when the request is sent.
-    invalid: Option<&'static str>,
+    /// A header whose value could not be set, reported when the request is sent.
+    invalid: Option<HeaderName>,
 }
 
 impl Outgoing {
@@ -376,7 +376,9 @@ impl Outgoing {
             Ok(value) => {
                 self.headers.insert(name, value);
             }
-            Err(_) => self.invalid = self.invalid.or(Some(header_label(&name))),
+            Err(_) => {
+                self.invalid.get_or_insert(name);
+            }
         }
         self
     }
@@ -391,7 +393,9 @@ impl Outgoing {
                 value.set_sensitive(true);
                 self.headers.insert(header::AUTHORIZATION, value);
             }
-            Err(_) => self.invalid = self.invalid.or(Some("authorization")),
+            Err(_) => {
+                self.invalid.get_or_insert(header::AUTHORIZATION);
+            }
         }
         self
     }
@@ -400,16 +404,6 @@ impl Outgoing {
     pub(crate) fn body(mut self, body: impl Into<Bytes>) -> Self {
         self.body = body.into();
         self
-    }
-}
-
-/// A header's name for error messages (the names providers set are all static).
-fn header_label(name: &HeaderName) -> &'static str {
-    match name.as_str() {
-        "x-api-key" => "x-api-key",
-        "openai-organization" => "openai-organization",
-        "authorization" => "authorization",
-        _ => "a header",
     }
 }
 
@@ -448,17 +442,13 @@ impl std::fmt::Display for SendError {
     }
 }
 
-/// An error and its causes, `: `-separated (a cause its layer already quotes is not
-/// repeated).
-pub(crate) fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes, `: `-separated.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.ends_with(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
         source = cause.source();
     }
     message
@@ -477,9 +467,10 @@ pub(crate) async fn dispatch(
     provider: ProviderKind,
     request: Outgoing,
 ) -> std::result::Result<Answer, SendError> {
-    if let Some(header) = request.invalid {
+    if let Some(header) = &request.invalid {
         return Err(SendError::new(format!(
-            "the value of {header} cannot be sent in an HTTP header"
+            "the value of the `{header}` header cannot be sent: it holds characters HTTP \
+             does not allow there"
         )));
     }
     let lanes = Lanes::get().map_err(SendError::new)?;
@@ -538,11 +529,6 @@ async fn dispatch_proxied(
         body: body.map_err(BoxError::from).boxed_unsync(),
         lease: None,
     })
-}
-
-/// A request to `url` (an upstream endpoint).
-pub(crate) fn request_to(method: Method, url: String) -> Outgoing {
-    Outgoing::new(method, url)
 }
 
 /// Installs rustls' ring crypto provider for the process, unless one is installed already.
@@ -685,4 +671,71 @@ where
             }
         })
         .try_filter(|line| futures::future::ready(!line.trim().is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_url() -> String {
+        // A port that was free a moment ago: nothing listens on it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        drop(listener);
+        format!("http://127.0.0.1:{port}/v1/chat/completions")
+    }
+
+    async fn failure(request: Outgoing) -> SendError {
+        match dispatch(ProviderKind::OpenAi, request).await {
+            Ok(answer) => panic!("expected a failure, got HTTP {}", answer.status),
+            Err(error) => error,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_header_value_http_cannot_carry_is_named_without_its_value() {
+        let error = failure(Outgoing::new(Method::POST, refused_url()).header(
+            HeaderName::from_static("x-api-key"),
+            "sk-secret\r\nx-evil: 1",
+        ))
+        .await;
+        assert!(!error.is_connect());
+        assert!(error.to_string().contains("`x-api-key`"), "{error}");
+        assert!(!error.to_string().contains("sk-secret"), "{error}");
+
+        let error =
+            failure(Outgoing::new(Method::POST, refused_url()).bearer_auth("sk-a\nb")).await;
+        assert!(error.to_string().contains("`authorization`"), "{error}");
+        assert!(!error.to_string().contains("sk-a"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_url_that_is_not_http_is_refused_before_connecting() {
+        for url in [
+            "ftp://example.com/v1",
+            "not a url",
+            "/v1/chat/completions",
+            "",
+        ] {
+            let error = failure(Outgoing::new(Method::GET, url.to_owned())).await;
+            assert!(!error.is_connect(), "{url}: {error}");
+            assert!(
+                error.to_string().starts_with("invalid upstream URL"),
+                "{url}: {error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error_naming_the_url() {
+        let url = refused_url();
+        let error = failure(Outgoing::new(Method::POST, url.clone()).body("{}")).await;
+        assert!(error.is_connect(), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("error sending request to {url}: ")),
+            "{error}"
+        );
+    }
 }

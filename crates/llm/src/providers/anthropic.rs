@@ -64,7 +64,7 @@ impl AnthropicProvider {
         let body = messages_body(&self.config, request, stream)?;
         tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
         let url = format!("{}/v1/messages", self.base_url);
-        let mut builder = http::request_to(http::Method::POST, url)
+        let mut builder = http::Outgoing::new(http::Method::POST, url)
             .header(HeaderName::from_static("x-api-key"), key)
             .header(HeaderName::from_static("anthropic-version"), API_VERSION)
             .header(http::header::CONTENT_TYPE, "application/json")
