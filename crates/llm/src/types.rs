@@ -3,6 +3,7 @@
 //! Ingress dialects and provider adapters only ever meet here: each adapter maps its own wire
 //! format to and from these types, so N providers and M dialects need N + M mappings.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -164,6 +165,24 @@ pub struct ToolCall {
     pub name: String,
     /// The arguments as a JSON value (usually an object).
     pub arguments: Value,
+}
+
+impl ToolCall {
+    /// The arguments where an object is required (Anthropic's `tool_use.input`): arguments
+    /// kept as JSON text are parsed back when they hold an object (an empty text is an empty
+    /// object), absent arguments are an empty object, and anything else is given as it is,
+    /// so the upstream's own validation message reaches the caller.
+    #[must_use]
+    pub fn arguments_object(&self) -> Cow<'_, Value> {
+        match &self.arguments {
+            Value::Null => Cow::Owned(Value::Object(Map::new())),
+            Value::String(text) => match parse_arguments(text) {
+                object @ Value::Object(_) => Cow::Owned(object),
+                _ => Cow::Borrowed(&self.arguments),
+            },
+            other => Cow::Borrowed(other),
+        }
+    }
 }
 
 /// A tool (function) the model may call.

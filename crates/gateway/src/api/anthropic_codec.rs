@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use meta_chat_llm::types::{
     CompletionRequest, CompletionResponse, Dialect, Extra, FinishReason, Message, StreamChunk,
-    Tool, ToolCall, ToolChoice, Usage, parse_arguments,
+    Tool, ToolCall, ToolChoice, Usage,
 };
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -564,19 +564,6 @@ pub fn stop_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-/// `tool_use.input` is an object. Arguments kept as JSON text are parsed back when they
-/// hold an object; a model's arguments that were not JSON at all are sent as they are.
-fn tool_input(arguments: &Value) -> Cow<'_, Value> {
-    match arguments {
-        Value::Null => Cow::Owned(Value::Object(Map::new())),
-        Value::String(text) => match parse_arguments(text) {
-            object @ Value::Object(_) => Cow::Owned(object),
-            _ => Cow::Borrowed(arguments),
-        },
-        other => Cow::Borrowed(other),
-    }
-}
-
 /// `usage` with the token counts and, when known, `cost_usd` (a decimal USD string, as on
 /// the OpenAI-compatible endpoint).
 fn usage_json(usage: Usage, cost_usd: Option<&str>) -> Value {
@@ -632,7 +619,7 @@ fn message_body<'a>(
     content.extend(reply.tool_calls.iter().map(|call| ContentBlock::ToolUse {
         id: &call.id,
         name: &call.name,
-        input: tool_input(&call.arguments),
+        input: call.arguments_object(),
     }));
     MessageBody {
         id,

@@ -221,7 +221,7 @@ fn blocks_of(message: &Message) -> Option<(&'static str, Vec<Block<'_>>)> {
             blocks.extend(tool_calls.iter().map(|call| Block::ToolUse {
                 id: &call.id,
                 name: &call.name,
-                input: tool_input(call),
+                input: call.arguments_object(),
             }));
             Some(("assistant", blocks))
         }
@@ -235,20 +235,6 @@ fn blocks_of(message: &Message) -> Option<(&'static str, Vec<Block<'_>>)> {
                 content,
             }],
         )),
-    }
-}
-
-/// `tool_use.input` must be an object. Arguments that arrived as JSON text (or could not be
-/// parsed and were kept as a string) are parsed back when they hold an object; anything
-/// else is sent as it is so the upstream's own validation message reaches the caller.
-fn tool_input(call: &ToolCall) -> Cow<'_, Value> {
-    match &call.arguments {
-        Value::Null => Cow::Owned(Value::Object(Map::new())),
-        Value::String(text) => match serde_json::from_str::<Value>(text) {
-            Ok(value @ Value::Object(_)) => Cow::Owned(value),
-            _ => Cow::Borrowed(&call.arguments),
-        },
-        other => Cow::Borrowed(other),
     }
 }
 

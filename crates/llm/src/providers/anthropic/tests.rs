@@ -263,9 +263,18 @@ fn string_arguments_are_sent_back_as_objects() {
         name: "f".into(),
         arguments,
     };
-    assert_eq!(*tool_input(&call(json!("{\"a\":1}"))), json!({"a": 1}));
-    assert_eq!(*tool_input(&call(Value::Null)), json!({}));
-    assert_eq!(*tool_input(&call(json!("not json"))), json!("not json"));
+    assert_eq!(
+        *call(json!("{\"a\":1}")).arguments_object(),
+        json!({"a": 1})
+    );
+    assert_eq!(*call(Value::Null).arguments_object(), json!({}));
+    assert_eq!(*call(json!("")).arguments_object(), json!({}));
+    assert_eq!(
+        *call(json!("not json")).arguments_object(),
+        json!("not json")
+    );
+    assert_eq!(*call(json!("[1]")).arguments_object(), json!("[1]"));
+    assert_eq!(*call(json!({"b": 2})).arguments_object(), json!({"b": 2}));
 }
 
 #[test]
