@@ -9,24 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{command, free_port};
-use tokio::io::BufReader;
 use tokio::process::Child;
 
 /// Starts the server and returns it with the lines it printed up to "listening".
 async fn start(dir: &Path, port: u16) -> (Child, Vec<String>) {
-    let mut child = command(dir, &[("BIND_ADDR", format!("127.0.0.1:{port}"))])
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut printed = Vec::new();
-    let listening = tokio::time::timeout(
-        Duration::from_secs(30),
-        common::read_until_listening(&mut out, |line| printed.push(line)),
-    )
-    .await
-    .expect("the server did not start within 30 s");
-    assert!(listening, "the server exited before listening: {printed:?}");
-    (child, printed)
+    common::serve_until_listening(dir, &[("BIND_ADDR", format!("127.0.0.1:{port}"))]).await
 }
 
 async fn stop(mut child: Child) -> std::process::ExitStatus {

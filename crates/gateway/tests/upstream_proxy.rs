@@ -7,12 +7,11 @@ mod common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use common::{command, free_port};
+use common::free_port;
 use meta_chat_testkit::{FakeServer, Reply};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Child;
 
@@ -81,16 +80,7 @@ async fn start(dir: &Path, port: u16, fake: &FakeServer, extra: &[(&str, String)
         ("OPENAI_BASE_URL", fake.url()),
     ];
     vars.extend(extra.iter().cloned());
-    let mut child = command(dir, &vars).spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let listening = tokio::time::timeout(
-        Duration::from_secs(30),
-        common::read_until_listening(&mut out, |_| {}),
-    )
-    .await
-    .expect("the server did not start within 30 s");
-    assert!(listening, "the server exited before listening");
-    child
+    common::serve_until_listening(dir, &vars).await.0
 }
 
 /// Creates a tenant on the OpenAI upstream and sends it one chat request; the answer's

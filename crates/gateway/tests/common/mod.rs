@@ -508,6 +508,25 @@ pub async fn read_until_listening(
     }
 }
 
+/// Starts `meta-chat serve` as [`command`] does and waits up to 30 s for it to listen;
+/// returns it with the lines it printed until then.
+pub async fn serve_until_listening<V: AsRef<OsStr>>(
+    dir: &Path,
+    vars: &[(&str, V)],
+) -> (Child, Vec<String>) {
+    let mut child = command(dir, vars).spawn().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = Vec::new();
+    let listening = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        read_until_listening(&mut out, |line| printed.push(line)),
+    )
+    .await
+    .expect("the server did not start within 30 s");
+    assert!(listening, "the server exited before listening: {printed:?}");
+    (child, printed)
+}
+
 /// Sends SIGTERM to `child`.
 pub fn sigterm(child: &Child) {
     let pid = child.id().unwrap().to_string();
