@@ -546,15 +546,36 @@ pub(crate) async fn send(
     let answer = dispatch(provider, request)
         .await
         .map_err(|e| LlmError::connection(provider, &e))?;
-    answer.checked(parse_error).await
+    answer.checked(provider, parse_error).await
 }
 
 impl Answer {
     /// The answer itself when it is a success; otherwise its body read and classified by
-    /// `parse_error`.
-    pub(crate) async fn checked(self, parse_error: ErrorParser) -> Result<Self> {
+    /// `parse_error`. Redirects are not followed (a request carries the provider's key, and
+    /// a POST is not to be replayed elsewhere): one is reported as an answer the gateway
+    /// cannot use, naming where it points, so the base URL can be corrected.
+    pub(crate) async fn checked(
+        self,
+        provider: ProviderKind,
+        parse_error: ErrorParser,
+    ) -> Result<Self> {
         if self.status.is_success() {
             return Ok(self);
+        }
+        if self.status.is_redirection() {
+            let target = self
+                .headers
+                .get(header::LOCATION)
+                .and_then(|location| location.to_str().ok())
+                .unwrap_or("nowhere given");
+            return Err(LlmError::malformed(
+                provider,
+                format!(
+                    "the upstream answered HTTP {} redirecting to {target}; redirects are not \
+                     followed: set the provider's base URL to the address it redirects to",
+                    self.status.as_u16()
+                ),
+            ));
         }
         let Answer {
             status,

@@ -555,6 +555,29 @@ async fn a_malformed_200_is_a_malformed_response() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_reported_with_its_target_and_not_followed() {
+    let fake = FakeServer::start().await.unwrap();
+    fake.push(
+        Reply::raw(301, "text/plain", "moved")
+            .header("location", "https://api.example.com/v1/chat/completions"),
+    );
+    fake.push(Reply::text("must not be reached"));
+    let error = provider(&fake).complete(&hello()).await.unwrap_err();
+    match &error {
+        LlmError::MalformedResponse { message, .. } => {
+            assert!(message.contains("HTTP 301"), "{message}");
+            assert!(
+                message.contains("https://api.example.com/v1/chat/completions"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!error.is_retryable());
+    assert_eq!(fake.requests().len(), 1, "the redirect was not followed");
+}
+
+#[tokio::test]
 async fn a_refused_connection_is_a_connection_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

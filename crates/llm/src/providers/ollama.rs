@@ -74,7 +74,7 @@ impl OllamaProvider {
                 other => other,
             }
         })?;
-        answer.checked(parse_error).await
+        answer.checked(PROVIDER, parse_error).await
     }
 
     async fn post_chat(&self, request: &CompletionRequest, stream: bool) -> Result<http::Answer> {
