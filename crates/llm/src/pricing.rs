@@ -45,11 +45,24 @@ impl Cost {
 
 /// Formats nano-dollars as a decimal USD string with nine decimals.
 pub fn format_usd(nano_usd: u64) -> String {
-    format!(
-        "{}.{:09}",
-        nano_usd / 1_000_000_000,
-        nano_usd % 1_000_000_000
-    )
+    decimal(nano_usd, 9)
+}
+
+/// `units / 10^places` as text with exactly `places` decimals: `decimal(1_500, 3)` is
+/// `"1.500"`, `decimal(5, 3)` is `"0.005"`. Written digit by digit: answers carry such values
+/// in headers, and `format!` costs several times more.
+pub fn decimal(units: u64, places: usize) -> String {
+    let mut reversed = Vec::with_capacity(places + 21);
+    let mut rest = units;
+    while rest > 0 || reversed.len() <= places {
+        if places > 0 && reversed.len() == places {
+            reversed.push(b'.');
+        }
+        reversed.push(b'0' + (rest % 10) as u8);
+        rest /= 10;
+    }
+    reversed.reverse();
+    String::from_utf8(reversed).unwrap_or_default()
 }
 
 /// Why a price table could not be loaded.
@@ -317,6 +330,44 @@ fn strip_version(key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_are_written_with_their_places() {
+        for (units, places) in [
+            (0u64, 9usize),
+            (1, 9),
+            (450_000, 9),
+            (1_000_000_000, 9),
+            (123_456_789_012, 9),
+            (u64::MAX, 9),
+            (0, 3),
+            (5, 3),
+            (999, 3),
+            (1_000, 3),
+            (1_234_567, 3),
+            (0, 0),
+            (42, 0),
+            (7, 1),
+        ] {
+            let scale = 10u128.pow(u32::try_from(places).unwrap());
+            let expected = if places == 0 {
+                units.to_string()
+            } else {
+                format!(
+                    "{}.{:0width$}",
+                    u128::from(units) / scale,
+                    u128::from(units) % scale,
+                    width = places
+                )
+            };
+            assert_eq!(
+                decimal(units, places),
+                expected,
+                "{units} with {places} places"
+            );
+        }
+        assert_eq!(format_usd(450_000), "0.000450000");
+    }
 
     /// The key as the definition reads: trimmed, lowercased, prefixed with the provider
     /// unless it already is.

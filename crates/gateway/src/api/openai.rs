@@ -568,8 +568,7 @@ pub(super) fn set_headers(
 
 /// The value of [`OVERHEAD_HEADER`]: milliseconds, to the microsecond.
 fn overhead_ms(overhead: Duration) -> String {
-    let micros = overhead.as_micros();
-    format!("{}.{:03}", micros / 1000, micros % 1000)
+    meta_chat_llm::pricing::decimal(u64::try_from(overhead.as_micros()).unwrap_or(u64::MAX), 3)
 }
 
 /// Records the failed request (when a provider was reached) and answers with the last error.

@@ -300,19 +300,20 @@ fn merge_groups(parts: Vec<UsageGroup>) -> Vec<UsageGroup> {
     merged.into_iter().map(|((a, b), t)| (a, b, t)).collect()
 }
 
+/// A day rollup row's key: tenant, UTC day, provider, model (borrowed from the records).
+type RollupKey<'a> = (&'a str, NaiveDate, &'a str, &'a str);
+
 /// Sums a batch of records by tenant, UTC day, provider and model, for the day rollups; sorted
 /// so concurrent writers lock rollup rows in the same order.
-fn rollup_batch(
-    records: &[UsageRecord],
-) -> Vec<((String, NaiveDate, String, String), UsageTotals)> {
-    let mut rollup: std::collections::BTreeMap<(String, NaiveDate, String, String), UsageTotals> =
+fn rollup_batch(records: &[UsageRecord]) -> Vec<(RollupKey<'_>, UsageTotals)> {
+    let mut rollup: std::collections::BTreeMap<RollupKey<'_>, UsageTotals> =
         std::collections::BTreeMap::new();
     for record in records {
         let key = (
-            record.tenant_id.clone(),
+            record.tenant_id.as_str(),
             record.created_at.date_naive(),
-            record.provider.clone(),
-            record.model.clone(),
+            record.provider.as_str(),
+            record.model.as_str(),
         );
         *rollup.entry(key).or_default() += UsageTotals::of(record);
     }
@@ -328,18 +329,18 @@ struct ConversationSums {
 }
 
 /// A conversation rollup row's key: tenant, UTC day, conversation id (`""` for none).
-type ConversationKey = (String, NaiveDate, String);
+type ConversationKey<'a> = (&'a str, NaiveDate, &'a str);
 
 /// Sums a batch of records by tenant, UTC day and conversation, for `usage_conversation_daily`;
 /// sorted so concurrent writers lock rollup rows in the same order.
-fn conversation_batch(records: &[UsageRecord]) -> Vec<(ConversationKey, ConversationSums)> {
-    let mut rollup: std::collections::BTreeMap<ConversationKey, ConversationSums> =
+fn conversation_batch(records: &[UsageRecord]) -> Vec<(ConversationKey<'_>, ConversationSums)> {
+    let mut rollup: std::collections::BTreeMap<ConversationKey<'_>, ConversationSums> =
         std::collections::BTreeMap::new();
     for record in records {
         let key = (
-            record.tenant_id.clone(),
+            record.tenant_id.as_str(),
             record.created_at.date_naive(),
-            record.conversation_id.clone().unwrap_or_default(),
+            record.conversation_id.as_deref().unwrap_or_default(),
         );
         let sums = rollup.entry(key).or_insert_with(|| ConversationSums {
             totals: UsageTotals::default(),
@@ -367,16 +368,17 @@ pub fn latency_bucket(latency_ms: i64) -> i64 {
 }
 
 /// A latency rollup row's key: UTC day, provider, bucket.
-type LatencyKey = (NaiveDate, String, i64);
+type LatencyKey<'a> = (NaiveDate, &'a str, i64);
 
 /// Counts a batch's requests that were not cache hits by UTC day, provider and latency bucket,
 /// for `usage_latency_daily`; sorted like the other rollups.
-fn latency_batch(records: &[UsageRecord]) -> Vec<(LatencyKey, i64)> {
-    let mut rollup: std::collections::BTreeMap<LatencyKey, i64> = std::collections::BTreeMap::new();
+fn latency_batch(records: &[UsageRecord]) -> Vec<(LatencyKey<'_>, i64)> {
+    let mut rollup: std::collections::BTreeMap<LatencyKey<'_>, i64> =
+        std::collections::BTreeMap::new();
     for record in records.iter().filter(|r| !r.cache_hit) {
         let key = (
             record.created_at.date_naive(),
-            record.provider.clone(),
+            record.provider.as_str(),
             latency_bucket(record.latency_ms),
         );
         *rollup.entry(key).or_default() += 1;

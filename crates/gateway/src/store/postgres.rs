@@ -375,16 +375,15 @@ impl Store for PostgresStore {
         // tenants lock them in the same order and cannot deadlock.
         let rollup = rollup_batch(records);
         if !rollup.is_empty() {
-            let text = |f: fn(&RollupRow) -> &str| rollup.iter().map(f).collect::<Vec<_>>();
-            let number = |f: fn(&RollupRow) -> i64| rollup.iter().map(f).collect::<Vec<_>>();
+            let number = |f: fn(&RollupRow<'_>) -> i64| rollup.iter().map(f).collect::<Vec<_>>();
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd) \
                  SELECT * FROM UNNEST($1::TEXT[], $2::DATE[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[]){ROLLUP_CONFLICT}"
             )))
-            .bind(text(|((tenant, ..), _)| tenant))
+            .bind(rollup.iter().map(|((tenant, ..), _)| *tenant).collect::<Vec<_>>())
             .bind(rollup.iter().map(|((_, day, ..), _)| *day).collect::<Vec<_>>())
-            .bind(text(|((_, _, provider, _), _)| provider))
-            .bind(text(|((.., model), _)| model))
+            .bind(rollup.iter().map(|((_, _, provider, _), _)| *provider).collect::<Vec<_>>())
+            .bind(rollup.iter().map(|((.., model), _)| *model).collect::<Vec<_>>())
             .bind(number(|(_, t)| t.requests))
             .bind(number(|(_, t)| t.errors))
             .bind(number(|(_, t)| t.cache_hits))
@@ -418,9 +417,9 @@ impl Store for PostgresStore {
                  first_at = LEAST(usage_conversation_daily.first_at, excluded.first_at), \
                  last_at = GREATEST(usage_conversation_daily.last_at, excluded.last_at)",
             )
-            .bind(conversations.iter().map(|((tenant, ..), _)| tenant.as_str()).collect::<Vec<_>>())
+            .bind(conversations.iter().map(|((tenant, ..), _)| *tenant).collect::<Vec<_>>())
             .bind(conversations.iter().map(|((_, day, _), _)| *day).collect::<Vec<_>>())
-            .bind(conversations.iter().map(|((.., id), _)| id.as_str()).collect::<Vec<_>>())
+            .bind(conversations.iter().map(|((.., id), _)| *id).collect::<Vec<_>>())
             .bind(number(|t| t.requests))
             .bind(number(|t| t.errors))
             .bind(number(|t| t.cache_hits))
@@ -451,7 +450,7 @@ impl Store for PostgresStore {
             .bind(
                 latencies
                     .iter()
-                    .map(|((_, provider, _), _)| provider.as_str())
+                    .map(|((_, provider, _), _)| *provider)
                     .collect::<Vec<_>>(),
             )
             .bind(
@@ -800,7 +799,7 @@ impl Store for PostgresStore {
 }
 
 /// A row of the day rollups: tenant, day, provider, model and totals.
-type RollupRow = ((String, NaiveDate, String, String), UsageTotals);
+type RollupRow<'a> = ((&'a str, NaiveDate, &'a str, &'a str), UsageTotals);
 
 /// `WITH parts AS (…)`: one row per conversation and whole day of the scope from
 /// `usage_conversation_daily`, one per record of its partial days (conversation `''` for none);

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,9 +17,9 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{
     ADMIN_KEY_HASH, ConversationPage, ConversationUsage, DashboardSession, EmbeddedMigration,
     NewTenant, ProviderLatency, RangePart, Store, StoreError, TOMBSTONE_LIFETIME, Tenant,
-    UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals, conversation_batch, db_err,
-    insert_chunks, latency_batch, merge_groups, migrator, next_updated_at, now, plan_range,
-    providers_from_buckets, rollup_batch,
+    USAGE_INSERT_CHUNK, UsageDimension, UsageGroup, UsageRecord, UsageScope, UsageTotals,
+    conversation_batch, db_err, insert_chunks, latency_batch, merge_groups, migrator,
+    next_updated_at, now, plan_range, providers_from_buckets, rollup_batch,
 };
 
 const MIGRATIONS: &[EmbeddedMigration] = &[
@@ -424,91 +424,66 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         for chunk in insert_chunks(records) {
-            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO usage_records (tenant_id, conversation_id, request_id, endpoint, provider, model, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, latency_ms, ttft_ms, status, error_kind, cache_hit, fallback_from, tokens_estimated, created_at) ",
-            );
-            insert.push_values(chunk, |mut row, record| {
-                row.push_bind(record.tenant_id.clone())
-                    .push_bind(record.conversation_id.clone())
-                    .push_bind(record.request_id.clone())
-                    .push_bind(record.endpoint.clone())
-                    .push_bind(record.provider.clone())
-                    .push_bind(record.model.clone())
-                    .push_bind(record.input_tokens)
-                    .push_bind(record.output_tokens)
-                    .push_bind(record.embedding_tokens)
-                    .push_bind(record.cost_nano_usd)
-                    .push_bind(record.latency_ms)
-                    .push_bind(record.ttft_ms)
-                    .push_bind(record.status.clone())
-                    .push_bind(record.error_kind.clone())
-                    .push_bind(record.cache_hit)
-                    .push_bind(record.fallback_from.clone())
-                    .push_bind(record.tokens_estimated)
-                    .push_bind(format_ts(record.created_at));
-            });
-            insert.build().execute(&mut *tx).await.map_err(db_err)?;
+            let mut insert = sqlx::query(sqlx::AssertSqlSafe(USAGE_INSERT.rows(chunk.len())));
+            for record in chunk {
+                insert = insert
+                    .bind(record.tenant_id.as_str())
+                    .bind(record.conversation_id.as_deref())
+                    .bind(record.request_id.as_str())
+                    .bind(record.endpoint.as_str())
+                    .bind(record.provider.as_str())
+                    .bind(record.model.as_str())
+                    .bind(record.input_tokens)
+                    .bind(record.output_tokens)
+                    .bind(record.embedding_tokens)
+                    .bind(record.cost_nano_usd)
+                    .bind(record.latency_ms)
+                    .bind(record.ttft_ms)
+                    .bind(record.status.as_str())
+                    .bind(record.error_kind.as_deref())
+                    .bind(record.cache_hit)
+                    .bind(record.fallback_from.as_deref())
+                    .bind(record.tokens_estimated)
+                    .bind(format_ts(record.created_at));
+            }
+            insert.execute(&mut *tx).await.map_err(db_err)?;
         }
         for chunk in insert_chunks(&rollup_batch(records)) {
-            let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd) ",
-            );
-            upsert.push_values(
-                chunk,
-                |mut row, ((tenant, day, provider, model), totals)| {
-                    row.push_bind(tenant.clone())
-                        .push_bind(format_day(*day))
-                        .push_bind(provider.clone())
-                        .push_bind(model.clone())
-                        .push_bind(totals.requests)
-                        .push_bind(totals.errors)
-                        .push_bind(totals.cache_hits)
-                        .push_bind(totals.input_tokens)
-                        .push_bind(totals.output_tokens)
-                        .push_bind(totals.embedding_tokens)
-                        .push_bind(totals.cost_nano_usd);
-                },
-            );
-            upsert.push(ROLLUP_CONFLICT);
-            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
+            let mut upsert = sqlx::query(sqlx::AssertSqlSafe(DAILY_UPSERT.rows(chunk.len())));
+            for ((tenant, day, provider, model), totals) in chunk {
+                upsert = upsert
+                    .bind(*tenant)
+                    .bind(format_day(*day))
+                    .bind(*provider)
+                    .bind(*model);
+                upsert = bind_totals(upsert, totals);
+            }
+            upsert.execute(&mut *tx).await.map_err(db_err)?;
         }
         for chunk in insert_chunks(&conversation_batch(records)) {
-            let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO usage_conversation_daily (tenant_id, day, conversation_id, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, first_at, last_at) ",
-            );
-            upsert.push_values(chunk, |mut row, ((tenant, day, conversation), sums)| {
-                let totals = &sums.totals;
-                row.push_bind(tenant.clone())
-                    .push_bind(format_day(*day))
-                    .push_bind(conversation.clone())
-                    .push_bind(totals.requests)
-                    .push_bind(totals.errors)
-                    .push_bind(totals.cache_hits)
-                    .push_bind(totals.input_tokens)
-                    .push_bind(totals.output_tokens)
-                    .push_bind(totals.embedding_tokens)
-                    .push_bind(totals.cost_nano_usd)
-                    .push_bind(format_ts(sums.first_at))
-                    .push_bind(format_ts(sums.last_at));
-            });
-            upsert.push(CONVERSATION_CONFLICT);
-            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
+            let mut upsert =
+                sqlx::query(sqlx::AssertSqlSafe(CONVERSATION_UPSERT.rows(chunk.len())));
+            for ((tenant, day, conversation), sums) in chunk {
+                upsert = upsert
+                    .bind(*tenant)
+                    .bind(format_day(*day))
+                    .bind(*conversation);
+                upsert = bind_totals(upsert, &sums.totals)
+                    .bind(format_ts(sums.first_at))
+                    .bind(format_ts(sums.last_at));
+            }
+            upsert.execute(&mut *tx).await.map_err(db_err)?;
         }
         for chunk in insert_chunks(&latency_batch(records)) {
-            let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO usage_latency_daily (day, provider, bucket_ms, requests) ",
-            );
-            upsert.push_values(chunk, |mut row, ((day, provider, bucket), requests)| {
-                row.push_bind(format_day(*day))
-                    .push_bind(provider.clone())
-                    .push_bind(*bucket)
-                    .push_bind(*requests);
-            });
-            upsert.push(
-                " ON CONFLICT (day, provider, bucket_ms) DO UPDATE SET \
-                 requests = usage_latency_daily.requests + excluded.requests",
-            );
-            upsert.build().execute(&mut *tx).await.map_err(db_err)?;
+            let mut upsert = sqlx::query(sqlx::AssertSqlSafe(LATENCY_UPSERT.rows(chunk.len())));
+            for ((day, provider, bucket), requests) in chunk {
+                upsert = upsert
+                    .bind(format_day(*day))
+                    .bind(*provider)
+                    .bind(*bucket)
+                    .bind(*requests);
+            }
+            upsert.execute(&mut *tx).await.map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)
     }
@@ -853,6 +828,84 @@ impl Store for SqliteStore {
 }
 
 /// Adds a batch's conversation rows to the stored ones.
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>;
+
+/// Binds a rollup row's sums in the column order both rollup tables share.
+fn bind_totals<'q>(query: SqliteQuery<'q>, totals: &UsageTotals) -> SqliteQuery<'q> {
+    query
+        .bind(totals.requests)
+        .bind(totals.errors)
+        .bind(totals.cache_hits)
+        .bind(totals.input_tokens)
+        .bind(totals.output_tokens)
+        .bind(totals.embedding_tokens)
+        .bind(totals.cost_nano_usd)
+}
+
+/// A multi-row `INSERT … VALUES (?, …), …` with its conflict clause, its text built once per
+/// row count: [`insert_chunks`] gives batches only power-of-two lengths, so each statement has
+/// a few texts, each prepared once per connection, and a batch binds its values without
+/// formatting SQL.
+struct MultiRowInsert {
+    head: &'static str,
+    columns: usize,
+    tail: &'static str,
+    /// The text for 2^i rows at index i.
+    texts: [OnceLock<Arc<str>>; ROW_COUNTS],
+}
+
+/// Row counts a batch statement comes in: 1, 2, 4, … [`USAGE_INSERT_CHUNK`].
+const ROW_COUNTS: usize = USAGE_INSERT_CHUNK.trailing_zeros() as usize + 1;
+
+impl MultiRowInsert {
+    const fn new(head: &'static str, columns: usize, tail: &'static str) -> Self {
+        Self {
+            head,
+            columns,
+            tail,
+            texts: [const { OnceLock::new() }; ROW_COUNTS],
+        }
+    }
+
+    /// The statement for `rows` rows.
+    fn rows(&self, rows: usize) -> Arc<str> {
+        let build = || -> Arc<str> {
+            let row = format!("({})", vec!["?"; self.columns].join(", "));
+            let values = vec![row; rows].join(", ");
+            format!("{} VALUES {values}{}", self.head, self.tail).into()
+        };
+        match self.texts.get(rows.trailing_zeros() as usize) {
+            Some(text) if rows.is_power_of_two() => Arc::clone(text.get_or_init(build)),
+            _ => build(),
+        }
+    }
+}
+
+static USAGE_INSERT: MultiRowInsert = MultiRowInsert::new(
+    "INSERT INTO usage_records (tenant_id, conversation_id, request_id, endpoint, provider, model, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, latency_ms, ttft_ms, status, error_kind, cache_hit, fallback_from, tokens_estimated, created_at)",
+    18,
+    "",
+);
+
+static DAILY_UPSERT: MultiRowInsert = MultiRowInsert::new(
+    "INSERT INTO usage_daily (tenant_id, day, provider, model, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd)",
+    11,
+    ROLLUP_CONFLICT,
+);
+
+static CONVERSATION_UPSERT: MultiRowInsert = MultiRowInsert::new(
+    "INSERT INTO usage_conversation_daily (tenant_id, day, conversation_id, requests, errors, cache_hits, input_tokens, output_tokens, embedding_tokens, cost_nano_usd, first_at, last_at)",
+    12,
+    CONVERSATION_CONFLICT,
+);
+
+static LATENCY_UPSERT: MultiRowInsert = MultiRowInsert::new(
+    "INSERT INTO usage_latency_daily (day, provider, bucket_ms, requests)",
+    4,
+    " ON CONFLICT (day, provider, bucket_ms) DO UPDATE SET \
+     requests = usage_latency_daily.requests + excluded.requests",
+);
+
 const CONVERSATION_CONFLICT: &str = " ON CONFLICT (tenant_id, day, conversation_id) DO UPDATE SET \
     requests = usage_conversation_daily.requests + excluded.requests, \
     errors = usage_conversation_daily.errors + excluded.errors, \

@@ -63,7 +63,7 @@ impl AnthropicProvider {
             })?;
         let body = messages_body(&self.config, request, stream)?;
         tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
-        let url = format!("{}/v1/messages", self.base_url);
+        let url = [self.base_url.as_str(), "/v1/messages"].concat();
         let mut builder = http::Outgoing::new(http::Method::POST, url)
             .header(HeaderName::from_static("x-api-key"), key)
             .header(HeaderName::from_static("anthropic-version"), API_VERSION)

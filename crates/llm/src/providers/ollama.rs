@@ -49,7 +49,7 @@ impl OllamaProvider {
     }
 
     fn request(&self, method: http::Method, path: &str) -> http::Outgoing {
-        let builder = http::Outgoing::new(method, format!("{}{path}", self.base_url));
+        let builder = http::Outgoing::new(method, [self.base_url.as_str(), path].concat());
         match &self.config.api_key {
             Some(key) => builder.bearer_auth(key.expose_secret()),
             None => builder,

@@ -51,7 +51,7 @@ impl OpenAiProvider {
                 message: "no API key configured: set OPENAI_API_KEY".into(),
             })?;
         let mut builder =
-            http::Outgoing::new(method, format!("{}{path}", self.base_url)).bearer_auth(key);
+            http::Outgoing::new(method, [self.base_url.as_str(), path].concat()).bearer_auth(key);
         if let Some(org) = self
             .config
             .organization
