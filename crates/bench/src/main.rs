@@ -253,12 +253,16 @@ const FAKES: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// The fakes a `bare-proxy` is started in front of (for the throughput part), and the name of
-/// that proxy process.
+/// The fakes a `bare-proxy` is started in front of (for the throughput and the streams parts),
+/// and the name of that proxy process.
 const BARE_FRONTS: &[(&str, &str)] = &[
     ("fake", "bare-fake"),
     ("fake-stream20", "bare-fake-stream20"),
+    (STREAMS_UPSTREAM, "bare-fake-slow1s"),
 ];
+
+/// The fake the `streams` part's streams come from.
+const STREAMS_UPSTREAM: &str = "fake-slow1s";
 
 async fn run(plan: Plan, root: PathBuf) -> Result<()> {
     let started_unix = std::time::SystemTime::now()
@@ -269,12 +273,18 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
     let gateway_bin = release.join("meta-chat");
     let fake_bin = release.join("meta-chat-fake");
     let bare_bin = release.join("bare-proxy");
-    // The bare proxies serve the throughput part only.
-    let bare_fronts: &[(&str, &str)] = if plan.has("throughput") {
-        BARE_FRONTS
-    } else {
-        &[]
-    };
+    // The bare proxies serve the throughput and streams parts only.
+    let bare_fronts: Vec<(&str, &str)> = BARE_FRONTS
+        .iter()
+        .filter(|(upstream, _)| {
+            if *upstream == STREAMS_UPSTREAM {
+                plan.has("streams")
+            } else {
+                plan.has("throughput")
+            }
+        })
+        .copied()
+        .collect();
     let needed = [&gateway_bin, &fake_bin]
         .into_iter()
         .chain((!bare_fronts.is_empty()).then_some(&bare_bin));
@@ -349,7 +359,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
         dir.path(),
     )?;
     let mut bare_addrs = Vec::new();
-    for (upstream, name) in bare_fronts {
+    for (upstream, name) in &bare_fronts {
         let addr: SocketAddr = format!("127.0.0.1:{}", system::free_port()?).parse()?;
         let mut args: Vec<String> = vec![
             "--bind".into(),
@@ -484,6 +494,7 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
         throughput: Vec::new(),
         scenarios: Vec::new(),
         streams: None,
+        bare_streams: None,
         gateway_memory_end: None,
         problems: Vec::new(),
     };
@@ -652,9 +663,33 @@ async fn run(plan: Plan, root: PathBuf) -> Result<()> {
                         .streamed(false);
                     results.streams = Some(
                         bench
-                            .many_streams(call, streams, plan.stream_clients)
+                            .many_streams(
+                                "gateway",
+                                gateway_pid,
+                                call,
+                                streams,
+                                plan.stream_clients,
+                            )
                             .await?,
                     );
+                    // The same streams through the bare proxy: the HTTP stack's own share.
+                    if let Some((_, name, addr)) =
+                        bare_addrs.iter().find(|(u, ..)| *u == STREAMS_UPSTREAM)
+                    {
+                        let call =
+                            Call::post(*addr, CHAT, "fake", small_stream.clone())?.streamed(false);
+                        results.bare_streams = Some(
+                            bench
+                                .many_streams(
+                                    "bare proxy",
+                                    pid_of(name)?,
+                                    call,
+                                    streams,
+                                    plan.stream_clients,
+                                )
+                                .await?,
+                        );
+                    }
                 }
                 _ => {}
             }
@@ -1092,19 +1127,20 @@ impl Bench {
         Ok(())
     }
 
-    /// Opens `n` streams through the gateway at once and reads its memory while all are
-    /// open.
+    /// Opens `n` streams through `target` (process `pid`) at once and reads its memory while
+    /// all are open.
     async fn many_streams(
         &self,
+        target: &str,
+        pid: u32,
         call: Call,
         n: usize,
         clients: load::StreamClients,
     ) -> Result<StreamsResult> {
-        let before = memory(self.gateway_pid).ok();
-        let files_before = system::open_files(self.gateway_pid).ok();
-        let gateway0 = cpu_ticks(self.gateway_pid)?;
-        let pid = self.gateway_pid;
-        eprintln!("   opening {n} streams…");
+        let before = memory(pid).ok();
+        let files_before = system::open_files(pid).ok();
+        let gateway0 = cpu_ticks(pid)?;
+        eprintln!("   opening {n} streams through the {target}…");
         let (streams, at_peak) = load::many_streams(
             Arc::new(call),
             n,
@@ -1116,8 +1152,8 @@ impl Bench {
         )
         .await?;
         let (at_peak, files_at_peak) = at_peak;
-        let gateway1 = cpu_ticks(self.gateway_pid)?;
-        let files_after = system::open_files(self.gateway_pid).ok();
+        let gateway1 = cpu_ticks(pid)?;
+        let files_after = system::open_files(pid).ok();
         let stats = &streams.stats;
         eprintln!(
             "   {} connected, {} got a first chunk ({:.1} s), {} open at peak, {} completed, {} errors",
@@ -1135,6 +1171,7 @@ impl Bench {
             _ => None,
         };
         Ok(StreamsResult {
+            target: target.to_owned(),
             clients: match clients {
                 load::StreamClients::Http1 => "HTTP/1.1, a connection per stream".to_owned(),
                 load::StreamClients::H2c(n) => format!("h2c, {n} streams per connection"),

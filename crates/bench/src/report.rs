@@ -197,6 +197,9 @@ impl Pair {
 /// The many-concurrent-streams measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamsResult {
+    /// The process the streams went through: `gateway`, or `bare proxy` (the floor of the
+    /// HTTP stack, measured the same way afterwards).
+    pub target: String,
     /// How the clients connected, e.g. "HTTP/1.1, a connection per stream".
     pub clients: String,
     /// Streams asked for.
@@ -219,15 +222,15 @@ pub struct StreamsResult {
     pub ttfb_ms: Option<Pcts>,
     /// Whole stream.
     pub stream_ms: Option<Pcts>,
-    /// Gateway memory before the streams were opened.
+    /// The target's memory before the streams were opened.
     pub gateway_before: Option<Memory>,
-    /// Gateway memory with every stream open.
+    /// The target's memory with every stream open.
     pub gateway_at_peak: Option<Memory>,
-    /// Files the gateway had open before, with every stream open, and after all ended.
+    /// Files the target had open before, with every stream open, and after all ended.
     pub gateway_open_files: [Option<u64>; 3],
     /// `(VmRSS at peak - VmRSS before) / open streams`, kB.
     pub rss_kb_per_stream: Option<f64>,
-    /// Gateway CPU time per stream.
+    /// The target's CPU time per stream.
     pub gateway_cpu_ms_per_stream: Option<f64>,
     /// Statuses seen.
     pub statuses: BTreeMap<String, u64>,
@@ -254,6 +257,8 @@ pub struct Results {
     pub scenarios: Vec<Pair>,
     /// Many concurrent streams.
     pub streams: Option<StreamsResult>,
+    /// The same streams through the bare proxy, afterwards.
+    pub bare_streams: Option<StreamsResult>,
     /// The gateway's memory at the end.
     pub gateway_memory_end: Option<Memory>,
     /// Scenarios that could not run, and other things worth knowing.
@@ -554,46 +559,52 @@ impl Results {
             }
         }
 
-        if let Some(s) = &self.streams {
+        if let Some(first) = &self.streams {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "### Concurrent open streams through the gateway (upstream: a chunk every second; clients: {})",
-                s.clients
+                "### Concurrent open streams (upstream: a chunk every second; clients: {})",
+                first.clients
             );
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "| streams | connected | first chunk | open at peak | all first chunks after | completed | errors | TTFB p50 / p99 | gateway VmRSS / VmHWM before | at peak | RSS per stream | CPU per stream | gateway open files before / peak / after |"
+                "| through | streams | connected | first chunk | open at peak | all first chunks after | completed | errors | TTFB p50 / p99 | VmRSS / VmHWM before | at peak | RSS per stream | CPU per stream | open files before / peak / after |"
             );
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-            let files = s
-                .gateway_open_files
-                .iter()
-                .map(|f| f.map_or("–".into(), count))
-                .collect::<Vec<_>>()
-                .join(" / ");
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {files} |",
-                count(s.requested as u64),
-                count(s.connected),
-                count(s.first_chunk),
-                count(s.open_peak),
-                if s.all_first {
-                    format!("{:.1} s", s.all_first_after_seconds)
-                } else {
-                    format!("not all ({:.1} s)", s.all_first_after_seconds)
-                },
-                count(s.completed),
-                count(s.errors),
-                p50_p99(s.ttfb_ms),
-                memory(s.gateway_before),
-                memory(s.gateway_at_peak),
-                s.rss_kb_per_stream
-                    .map_or("–".into(), |v| format!("{v:.1} kB")),
-                cpu(s.gateway_cpu_ms_per_stream),
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             );
+            for s in std::iter::once(first).chain(&self.bare_streams) {
+                let files = s
+                    .gateway_open_files
+                    .iter()
+                    .map(|f| f.map_or("–".into(), count))
+                    .collect::<Vec<_>>()
+                    .join(" / ");
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {files} |",
+                    s.target,
+                    count(s.requested as u64),
+                    count(s.connected),
+                    count(s.first_chunk),
+                    count(s.open_peak),
+                    if s.all_first {
+                        format!("{:.1} s", s.all_first_after_seconds)
+                    } else {
+                        format!("not all ({:.1} s)", s.all_first_after_seconds)
+                    },
+                    count(s.completed),
+                    count(s.errors),
+                    p50_p99(s.ttfb_ms),
+                    memory(s.gateway_before),
+                    memory(s.gateway_at_peak),
+                    s.rss_kb_per_stream
+                        .map_or("–".into(), |v| format!("{v:.1} kB")),
+                    cpu(s.gateway_cpu_ms_per_stream),
+                );
+            }
         }
 
         if let Some(end) = self.gateway_memory_end {
@@ -626,8 +637,9 @@ impl Results {
             .chain(
                 self.streams
                     .iter()
+                    .chain(&self.bare_streams)
                     .filter(|s| !s.error_samples.is_empty())
-                    .map(|s| format!("streams: {}", s.error_samples.join("; "))),
+                    .map(|s| format!("streams ({}): {}", s.target, s.error_samples.join("; "))),
             )
             .collect();
         if !self.problems.is_empty() || !errors.is_empty() {
