@@ -30,7 +30,8 @@
 //!   refusals (429 is the expected outcome), a wrong key (401 expected), a slow stream (the
 //!   gaps between chunks as they arrive at the client, against the upstream's 20 ms), and
 //!   thousands of concurrent open streams (`--streams`), with the gateway's memory while all
-//!   of them are open.
+//!   of them are open; then the same streams through a bare proxy in front of the same slow
+//!   fake, the HTTP stack's own memory per stream.
 //!
 //! Measurements are interleaved: each runs in rounds (4 × 3 s by default) that alternate the
 //! direct, the bare-proxy (throughput only) and the gateway phase (ABBA order: reversed every
