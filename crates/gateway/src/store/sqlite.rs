@@ -1026,3 +1026,33 @@ fn usage_from_row(row: &SqliteRow) -> Result<UsageRecord, StoreError> {
         created_at,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The placeholders of a statement text: `(?, …)` groups and `?` in all.
+    fn shape(sql: &str) -> (usize, usize) {
+        (sql.matches("(?").count(), sql.matches('?').count())
+    }
+
+    #[test]
+    fn batch_statements_have_one_placeholder_per_value_and_are_built_once() {
+        for rows in [1usize, 2, 4, 64, USAGE_INSERT_CHUNK] {
+            let text = USAGE_INSERT.rows(rows);
+            assert_eq!(shape(&text), (rows, rows * 18), "{rows} rows");
+            assert!(text.starts_with("INSERT INTO usage_records ("), "{text}");
+            // Built once: the same text is handed out again.
+            assert!(Arc::ptr_eq(&text, &USAGE_INSERT.rows(rows)));
+        }
+        let upsert = DAILY_UPSERT.rows(8);
+        assert_eq!(shape(&upsert), (8, 88));
+        assert!(upsert.ends_with(ROLLUP_CONFLICT), "{upsert}");
+        assert_eq!(shape(&CONVERSATION_UPSERT.rows(2)), (2, 24));
+        assert_eq!(shape(&LATENCY_UPSERT.rows(1)), (1, 4));
+        // A length batches never have is still a valid statement, just not kept.
+        let odd = USAGE_INSERT.rows(3);
+        assert_eq!(shape(&odd), (3, 54));
+        assert!(!Arc::ptr_eq(&odd, &USAGE_INSERT.rows(3)));
+    }
+}
