@@ -117,7 +117,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     {
         response
             .headers_mut()
-            .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
+            .insert(const { HeaderName::from_static(REQUEST_ID_HEADER) }, value);
     }
     // Answers that never waited on a provider (refusals, errors, models) spent all their time
     // in the gateway: that is their overhead, with the same header as the others.
@@ -128,7 +128,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             if let Ok(value) = HeaderValue::from_str(&overhead_ms(overhead)) {
                 response
                     .headers_mut()
-                    .insert(HeaderName::from_static(OVERHEAD_HEADER), value);
+                    .insert(const { HeaderName::from_static(OVERHEAD_HEADER) }, value);
             }
             overhead
         }
@@ -540,30 +540,37 @@ pub(super) fn set_headers(
     put_headers(response, limit_headers);
     response.extensions_mut().insert(Overhead(overhead));
     let headers = response.headers_mut();
-    let mut put = |name: &'static str, value: &str| {
+    // Names built at compile time; values that are constants not copied (`from_static`).
+    let mut put = |name: HeaderName, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(HeaderName::from_static(name), value);
+            headers.insert(name, value);
         }
     };
-    put(PROVIDER_HEADER, provider.as_str());
-    put(MODEL_HEADER, model);
-    put(
-        CACHE_HEADER,
-        match cache {
-            CacheStatus::Hit => "hit",
-            CacheStatus::Miss => "miss",
-        },
-    );
+    put(const { HeaderName::from_static(MODEL_HEADER) }, model);
     if let Some(cost) = cost {
-        put(COST_HEADER, cost);
+        put(const { HeaderName::from_static(COST_HEADER) }, cost);
     }
     put(
-        REQUEST_ID_HEADER,
+        const { HeaderName::from_static(REQUEST_ID_HEADER) },
         request_id
             .hyphenated()
             .encode_lower(&mut uuid::Uuid::encode_buffer()),
     );
-    put(OVERHEAD_HEADER, &overhead_ms(overhead));
+    put(
+        const { HeaderName::from_static(OVERHEAD_HEADER) },
+        &overhead_ms(overhead),
+    );
+    headers.insert(
+        const { HeaderName::from_static(PROVIDER_HEADER) },
+        HeaderValue::from_static(provider.as_str()),
+    );
+    headers.insert(
+        const { HeaderName::from_static(CACHE_HEADER) },
+        HeaderValue::from_static(match cache {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+        }),
+    );
 }
 
 /// The value of [`OVERHEAD_HEADER`]: milliseconds, to the microsecond.
