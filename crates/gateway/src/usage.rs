@@ -276,15 +276,17 @@ async fn run(
                 break;
             }
         } else if batch.len() < batch_size {
-            // Give the batch until the flush interval to fill.
-            let deadline = tokio::time::Instant::now() + config.flush_interval;
+            // Give the batch until the flush interval to fill: one timer for the batch, not
+            // one per record received meanwhile.
+            let deadline = tokio::time::sleep(config.flush_interval);
+            tokio::pin!(deadline);
             while batch.len() < batch_size {
                 let room = batch_size - batch.len();
                 tokio::select! {
                     received = receiver.recv_many(&mut batch, room) => {
                         if received == 0 { break; }
                     }
-                    () = tokio::time::sleep_until(deadline) => break,
+                    () = &mut deadline => break,
                     _ = &mut closed, if !closing => {
                         closing = true;
                         receiver.close();
