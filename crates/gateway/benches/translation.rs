@@ -20,7 +20,7 @@
 //! - `translate_stream/{from}_to_{to}/20_chunks`: a whole upstream SSE stream, one `Bytes`
 //!   per event, decoded into unified `StreamChunk`s (`wire::anthropic_stream`,
 //!   `wire::openai_stream`, polled without a runtime) and written as the client's SSE frames
-//!   as the streaming handlers do (`ChunkEncoder` + `sse_data` up to `[DONE]` for OpenAI,
+//!   as the streaming handlers do (`ChunkEncoder` up to `[DONE]` for OpenAI,
 //!   `EventEncoder` from `message_start` to `message_stop` for Anthropic), per iteration.
 //!   The Anthropic upstream stream is `message_start`, `content_block_start`, `ping`, 18 text
 //!   `content_block_delta`s, `content_block_stop`, `message_delta` with the usage and
@@ -51,9 +51,7 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{FutureExt, StreamExt};
 use meta_chat::api::anthropic_codec::{EventEncoder, message_json, parse_messages_request};
-use meta_chat::api::openai_codec::{
-    ChunkEncoder, SSE_DONE, completion_json, parse_chat_request, sse_data,
-};
+use meta_chat::api::openai_codec::{ChunkEncoder, SSE_DONE, completion_json, parse_chat_request};
 use meta_chat_llm::providers::wire;
 use meta_chat_llm::{
     ChunkStream, CompletionRequest, CompletionResponse, FinishReason, Message, ProviderConfig,
@@ -927,15 +925,10 @@ fn openai_client_stream(mut upstream: ChunkStream, model: &str) -> Result<Vec<By
     let mut encoder = ChunkEncoder::new(RESPONSE_ID, CREATED, model, true);
     let mut frames = Vec::with_capacity(STREAM_CHUNKS + 4);
     while let Some(chunk) = next_chunk(&mut upstream)? {
-        frames.extend(encoder.encode(&chunk).iter().map(sse_data));
+        frames.extend(encoder.encode(&chunk));
     }
     let usage = encoder.usage().unwrap_or_default();
-    frames.extend(
-        encoder
-            .finish_usage(usage, Some(COST_USD))
-            .iter()
-            .map(sse_data),
-    );
+    frames.extend(encoder.finish_usage(usage, Some(COST_USD)));
     frames.push(Bytes::from_static(SSE_DONE));
     Ok(frames)
 }

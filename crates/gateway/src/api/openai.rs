@@ -480,15 +480,14 @@ impl StreamEncoder for OpenAiStream {
     }
 
     fn encode(&mut self, chunk: &StreamChunk) -> Vec<Bytes> {
-        self.0.encode(chunk).iter().map(sse_data).collect()
+        self.0.encode(chunk)
     }
 
     fn finish(&mut self, usage: Usage, cost_usd: &str) -> Vec<Bytes> {
         let mut events: Vec<Bytes> = self
             .0
             .finish_usage(usage, Some(cost_usd))
-            .iter()
-            .map(sse_data)
+            .into_iter()
             .collect();
         events.push(Bytes::from_static(SSE_DONE));
         events

@@ -679,11 +679,15 @@ struct UsageBody<'a> {
 // ---------------------------------------------------------------------------------------
 // Chat Completions stream.
 
-/// Turns unified [`StreamChunk`]s into OpenAI `chat.completion.chunk` objects, exactly as
+/// Turns unified [`StreamChunk`]s into OpenAI `chat.completion.chunk` SSE events, exactly as
 /// OpenAI streams them: a first chunk with `delta: {role: "assistant", content: ""}`, then
 /// content and tool-call deltas, a chunk with an empty delta and the `finish_reason`, and —
 /// only when the client asked with `stream_options.include_usage` — a last chunk with
 /// `choices: []` and the usage (every other chunk then carries `usage: null`).
+///
+/// The fields every chunk repeats (id, object, created, model, system fingerprint) are
+/// serialized once per stream; each event is that text, the choice written straight into the
+/// event's buffer, and the closing text, with no JSON tree built per chunk.
 ///
 /// Usage chunks from the provider are remembered, not sent: the handler computes the cost and
 /// calls [`ChunkEncoder::finish_usage`] once the stream has ended, then writes
@@ -691,8 +695,9 @@ struct UsageBody<'a> {
 #[derive(Debug, Clone)]
 pub struct ChunkEncoder {
     id: String,
-    created: i64,
-    model: String,
+    /// `data: {"id":…,"object":"chat.completion.chunk","created":…,"model":…,
+    /// "system_fingerprint":null,"choices":`
+    head: Vec<u8>,
     include_usage: bool,
     started: bool,
     finished: bool,
@@ -702,19 +707,31 @@ pub struct ChunkEncoder {
     usage: Option<Usage>,
 }
 
+/// Room in an event's buffer for the choice's fixed text around the delta.
+const CHOICE_TEXT: usize = 96;
+
 impl ChunkEncoder {
     /// An encoder for one stream, with the id, creation time (Unix seconds) and model every
     /// chunk repeats.
     pub fn new(
         id: impl Into<String>,
         created: i64,
-        model: impl Into<String>,
+        model: impl AsRef<str>,
         include_usage: bool,
     ) -> Self {
+        let id = id.into();
+        let model = model.as_ref();
+        let mut head = Vec::with_capacity(128 + id.len() + model.len());
+        head.extend_from_slice(b"data: {\"id\":");
+        write_json(&mut head, id.as_str());
+        head.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        write_json(&mut head, &created);
+        head.extend_from_slice(b",\"model\":");
+        write_json(&mut head, model);
+        head.extend_from_slice(b",\"system_fingerprint\":null,\"choices\":");
         Self {
-            id: id.into(),
-            created,
-            model: model.into(),
+            id,
+            head,
             include_usage,
             started: false,
             finished: false,
@@ -734,49 +751,67 @@ impl ChunkEncoder {
         self.finished
     }
 
-    fn chunk(&self, choices: Value) -> Value {
-        let mut chunk = Map::new();
-        chunk.insert("id".into(), self.id.clone().into());
-        chunk.insert("object".into(), "chat.completion.chunk".into());
-        chunk.insert("created".into(), self.created.into());
-        chunk.insert("model".into(), self.model.clone().into());
-        chunk.insert("system_fingerprint".into(), Value::Null);
-        chunk.insert("choices".into(), choices);
+    /// One event: the repeated fields, `choices` as `write_choices` writes it, then `usage`
+    /// (`null` until the last chunk) when the client asked for it.
+    fn event(&self, extra: usize, write_choices: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        let mut out = Vec::with_capacity(self.head.len() + CHOICE_TEXT + extra);
+        out.extend_from_slice(&self.head);
+        write_choices(&mut out);
         if self.include_usage {
-            chunk.insert("usage".into(), Value::Null);
+            out.extend_from_slice(b",\"usage\":null");
         }
-        Value::Object(chunk)
+        out.extend_from_slice(b"}\n\n");
+        Bytes::from(out)
     }
 
-    fn delta(&self, delta: Value, finish: Option<&str>) -> Value {
-        self.chunk(json!([{
-            "index": 0,
-            "delta": delta,
-            "logprobs": null,
-            "finish_reason": finish,
-        }]))
+    /// An event with the one choice: `delta` as `write_delta` writes it and `finish_reason`.
+    fn delta(
+        &self,
+        extra: usize,
+        write_delta: impl FnOnce(&mut Vec<u8>),
+        finish: Option<&str>,
+    ) -> Bytes {
+        self.event(extra, |out| {
+            out.extend_from_slice(b"[{\"index\":0,\"delta\":");
+            write_delta(out);
+            out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
+            match finish {
+                Some(reason) => write_json(out, reason),
+                None => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(b"}]");
+        })
     }
 
     /// The opening chunk (`role: assistant`), once, before anything else.
-    fn open(&mut self, out: &mut Vec<Value>) {
+    fn open(&mut self, out: &mut Vec<Bytes>) {
         if !self.started {
             self.started = true;
             out.push(self.delta(
-                json!({"role": "assistant", "content": "", "refusal": null}),
+                0,
+                |out| out.extend_from_slice(br#"{"role":"assistant","content":"","refusal":null}"#),
                 None,
             ));
         }
     }
 
-    /// The OpenAI chunks for one unified chunk: zero (usage, empty deltas, a repeated
+    /// The OpenAI events for one unified chunk: zero (usage, empty deltas, a repeated
     /// finish), one, or two (the opening chunk before the first content).
-    pub fn encode(&mut self, chunk: &StreamChunk) -> Vec<Value> {
+    pub fn encode(&mut self, chunk: &StreamChunk) -> Vec<Bytes> {
         let mut out = Vec::new();
         match chunk {
             StreamChunk::TextDelta { text } => {
                 self.open(&mut out);
                 if !text.is_empty() {
-                    out.push(self.delta(json!({"content": text}), None));
+                    out.push(self.delta(
+                        text.len() + 16,
+                        |out| {
+                            out.extend_from_slice(b"{\"content\":");
+                            write_json(out, text.as_str());
+                            out.push(b'}');
+                        },
+                        None,
+                    ));
                 }
             }
             StreamChunk::ToolCallDelta {
@@ -823,32 +858,38 @@ impl ChunkEncoder {
                         })
                     }
                 };
-                out.push(self.delta(json!({"tool_calls": [call]}), None));
+                let delta = json!({"tool_calls": [call]});
+                out.push(self.delta(arguments.len() + 64, |out| write_json(out, &delta), None));
             }
             StreamChunk::Usage { usage } => self.usage = Some(*usage),
             StreamChunk::Finish { reason } => {
                 if !self.finished {
                     self.open(&mut out);
                     self.finished = true;
-                    out.push(self.delta(json!({}), Some(finish_reason(*reason))));
+                    out.push(self.delta(
+                        0,
+                        |out| out.extend_from_slice(b"{}"),
+                        Some(finish_reason(*reason)),
+                    ));
                 }
             }
         }
         out
     }
 
-    /// The last chunk, `choices: []` with the usage (and `cost_usd` when given), when the
+    /// The last event, `choices: []` with the usage (and `cost_usd` when given), when the
     /// client asked for usage; `None` otherwise or when it was already sent.
-    pub fn finish_usage(&mut self, usage: Usage, cost_usd: Option<&str>) -> Option<Value> {
+    pub fn finish_usage(&mut self, usage: Usage, cost_usd: Option<&str>) -> Option<Bytes> {
         if !self.include_usage || self.usage_sent {
             return None;
         }
         self.usage_sent = true;
-        let mut chunk = self.chunk(json!([]));
-        if let Value::Object(map) = &mut chunk {
-            map.insert("usage".into(), usage_json(usage, cost_usd));
-        }
-        Some(chunk)
+        let mut out = Vec::with_capacity(self.head.len() + 128);
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(b"[],\"usage\":");
+        write_json(&mut out, &usage_json(usage, cost_usd));
+        out.extend_from_slice(b"}\n\n");
+        Some(Bytes::from(out))
     }
 
     /// An error event for a stream that fails after it started, in OpenAI's envelope
@@ -880,7 +921,19 @@ impl ChunkEncoder {
 /// One SSE event carrying `value`: `data: {json}\n\n`. (Serialised JSON never contains a raw
 /// newline, so one `data:` line suffices.)
 pub fn sse_data(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"data: ");
+    write_json(&mut out, value);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// Appends `value` as compact JSON. Serializing a string or a JSON value into memory cannot
+/// fail: nothing here has non-string map keys or a writer that errs.
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    if let Err(error) = serde_json::to_writer(out, value) {
+        tracing::error!(%error, "serializing a stream event");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -651,6 +651,22 @@ fn fold_openai(chunks: &[Value]) -> (String, Vec<(String, String, String)>, Opti
     (text, calls, finish)
 }
 
+/// The JSON of SSE events, each checked to be one `data: {json}\n\n` event.
+fn events(frames: Vec<Bytes>) -> Vec<Value> {
+    frames
+        .iter()
+        .map(|frame| {
+            let text = std::str::from_utf8(frame).unwrap();
+            assert!(
+                text.starts_with("data: {") && text.ends_with("}\n\n"),
+                "{text}"
+            );
+            assert_eq!(text.matches('\n').count(), 2, "{text}");
+            serde_json::from_str(&text[6..text.len() - 2]).unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn stream_reconstructs_text_and_tool_calls() {
     let mut encoder = ChunkEncoder::new("chatcmpl-9", 1_700_000_001, "gpt-4o", true);
@@ -658,11 +674,12 @@ fn stream_reconstructs_text_and_tool_calls() {
     let mut accumulator = StreamAccumulator::new();
     for chunk in stream_chunks() {
         accumulator.push(&chunk);
-        out.extend(encoder.encode(&chunk));
+        out.extend(events(encoder.encode(&chunk)));
     }
     assert!(encoder.is_finished());
     let usage = encoder.usage().unwrap();
-    out.push(encoder.finish_usage(usage, Some("0.0002")).unwrap());
+    let last = encoder.finish_usage(usage, Some("0.0002")).unwrap();
+    out.extend(events(vec![last.clone()]));
     assert_eq!(encoder.finish_usage(usage, None), None);
 
     // role, 2 text, 3 + 1 tool deltas, finish, usage.
@@ -713,13 +730,29 @@ fn stream_reconstructs_text_and_tool_calls() {
     }
     assert_eq!(finish.as_deref(), Some("tool_calls"));
 
-    // The SSE framing.
-    let frame = sse_data(&out[1]);
-    let text = std::str::from_utf8(&frame).unwrap();
-    assert!(text.starts_with("data: {") && text.ends_with("}\n\n"));
-    assert_eq!(text.matches('\n').count(), 2);
-    let back: Value = serde_json::from_str(&text[6..text.len() - 2]).unwrap();
-    assert_eq!(back, out[1]);
+    // The events as written, fields in OpenAI's order; text escaped.
+    let mut encoder = ChunkEncoder::new("chatcmpl-9", 1_700_000_001, "gpt-\"4o\"", true);
+    let frames = encoder.encode(&StreamChunk::TextDelta {
+        text: "a \"quote\"\n".into(),
+    });
+    let head = r#"data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1700000001,"model":"gpt-\"4o\"","system_fingerprint":null,"choices":"#;
+    assert_eq!(frames.len(), 2);
+    assert_eq!(
+        std::str::from_utf8(&frames[1]).unwrap(),
+        format!(
+            r#"{head}[{{"index":0,"delta":{{"content":"a \"quote\"\n"}},"logprobs":null,"finish_reason":null}}],"usage":null}}"#
+        ) + "\n\n"
+    );
+    assert_eq!(
+        std::str::from_utf8(&last).unwrap(),
+        r#"data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1700000001,"model":"gpt-4o","system_fingerprint":null,"choices":[],"usage":{"completion_tokens":7,"cost_usd":"0.0002","prompt_tokens":12,"total_tokens":19}}"#
+            .to_owned()
+            + "\n\n"
+    );
+
+    // Other values (error events) in the same framing.
+    let error = ChunkEncoder::error_event("line\nbreak", "upstream_timeout");
+    assert_eq!(events(vec![sse_data(&error)]), vec![error]);
     assert_eq!(SSE_DONE, b"data: [DONE]\n\n");
 }
 
@@ -728,7 +761,7 @@ fn stream_without_usage_option() {
     let mut encoder = ChunkEncoder::new("id", 0, "m", false);
     let mut out = Vec::new();
     for chunk in stream_chunks() {
-        out.extend(encoder.encode(&chunk));
+        out.extend(events(encoder.encode(&chunk)));
     }
     assert!(out.iter().all(|c| c.get("usage").is_none()));
     assert_eq!(encoder.finish_usage(Usage::default(), Some("0")), None);
@@ -743,21 +776,21 @@ fn stream_without_usage_option() {
 
     // A stream that only finishes still opens with the role chunk; `error` reads as `stop`.
     let mut encoder = ChunkEncoder::new("id", 0, "m", false);
-    let out = encoder.encode(&StreamChunk::Finish {
+    let out = events(encoder.encode(&StreamChunk::Finish {
         reason: FinishReason::Error,
-    });
+    }));
     assert_eq!(out.len(), 2);
     assert_eq!(out[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(out[1]["choices"][0]["finish_reason"], "stop");
 
     // A tool call whose first delta has no id gets one.
     let mut encoder = ChunkEncoder::new("cmpl", 0, "m", false);
-    let out = encoder.encode(&StreamChunk::ToolCallDelta {
+    let out = events(encoder.encode(&StreamChunk::ToolCallDelta {
         index: 0,
         id: None,
         name: Some("f".into()),
         arguments: "{}".into(),
-    });
+    }));
     let call = &out[1]["choices"][0]["delta"]["tool_calls"][0];
     assert_eq!(call["id"], "call_0_cmpl");
     assert_eq!(call["type"], "function");
