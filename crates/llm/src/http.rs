@@ -641,20 +641,49 @@ pub(crate) fn byte_stream(
     })
 }
 
-/// Server-sent events parsed from a byte stream (framing across chunk boundaries handled by
-/// `eventsource-stream`).
+/// One server-sent event: its type (the `event:` field, empty when absent) and its data
+/// (the `data:` lines joined with newlines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SseEvent {
+    pub event: String,
+    pub data: String,
+}
+
+/// Server-sent events parsed from a byte stream (framing across chunk boundaries, line
+/// endings, comments and unknown fields handled by `sse-stream`). Blocks without a `data:`
+/// line (an `id:` or `retry:` alone) carry nothing to decode and are skipped. A transport
+/// failure comes back as the error the byte stream gave.
 pub(crate) fn sse_events<S>(
     provider: ProviderKind,
     bytes: S,
-) -> impl Stream<Item = Result<eventsource_stream::Event>> + Send + 'static
+) -> impl Stream<Item = Result<SseEvent>> + Send + 'static
 where
     S: Stream<Item = Result<Bytes>> + Send + 'static,
 {
-    use eventsource_stream::{EventStreamError, Eventsource};
-    bytes.eventsource().map_err(move |e| match e {
-        EventStreamError::Transport(inner) => inner,
-        EventStreamError::Utf8(e) => LlmError::malformed(provider, format!("invalid UTF-8: {e}")),
-        EventStreamError::Parser(e) => LlmError::malformed(provider, format!("invalid SSE: {e}")),
+    futures::StreamExt::filter_map(sse_stream::SseByteStream::new(bytes), move |item| {
+        futures::future::ready(match item {
+            Ok(sse) => sse.data.map(|data| {
+                Ok(SseEvent {
+                    event: sse.event.unwrap_or_default(),
+                    data,
+                })
+            }),
+            Err(sse_stream::Error::Body(error)) => Some(Err(match error.downcast::<LlmError>() {
+                Ok(error) => *error,
+                Err(other) => LlmError::Connection {
+                    provider,
+                    message: other.to_string(),
+                },
+            })),
+            Err(sse_stream::Error::Utf8Parse(e)) => Some(Err(LlmError::malformed(
+                provider,
+                format!("invalid UTF-8 in an event: {e}"),
+            ))),
+            Err(other) => Some(Err(LlmError::malformed(
+                provider,
+                format!("invalid SSE: {other}"),
+            ))),
+        })
     })
 }
 
@@ -756,6 +785,89 @@ mod tests {
             error
                 .to_string()
                 .starts_with(&format!("error sending request to {url}: ")),
+            "{error}"
+        );
+    }
+
+    /// The events of `input` fed in pieces cut at `cuts`, then the transport failure `tail`.
+    async fn events(
+        input: &[u8],
+        cuts: &[usize],
+        tail: Option<LlmError>,
+    ) -> Vec<std::result::Result<SseEvent, String>> {
+        use futures::StreamExt;
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+            pieces.push(Ok(Bytes::copy_from_slice(&input[start..cut])));
+            start = cut;
+        }
+        pieces.extend(tail.map(Err));
+        sse_events(ProviderKind::Anthropic, futures::stream::iter(pieces))
+            .map(|item| item.map_err(|e| format!("{}: {e}", e.code())))
+            .collect()
+            .await
+    }
+
+    fn event(event: &str, data: &str) -> std::result::Result<SseEvent, String> {
+        Ok(SseEvent {
+            event: event.into(),
+            data: data.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn server_sent_events_are_read_as_the_standard_says_at_any_chunk_boundary() {
+        // A byte-order mark, LF, CRLF and CR line endings, a comment, fields the standard
+        // does not know (and one without a colon), a block with no data, multi-line data.
+        let input = "\u{feff}event: message_start\ndata: {\"a\":1}\n\n\
+                     : keep-alive\r\n\r\n\
+                     data: one\rdata:two\r\r\
+                     id: 7\nretry: 10\n\n\
+                     foo: bar\nbaz\nevent: ping\ndata: {}\n\n\
+                     data: Ünïcödé ✓\n\n";
+        let expected = vec![
+            event("message_start", "{\"a\":1}"),
+            event("", "one\ntwo"),
+            event("ping", "{}"),
+            event("", "Ünïcödé ✓"),
+        ];
+        assert_eq!(events(input.as_bytes(), &[], None).await, expected);
+        for cut in 1..input.len() {
+            assert_eq!(
+                events(input.as_bytes(), &[cut], None).await,
+                expected,
+                "cut at byte {cut}"
+            );
+        }
+        let every_byte: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(events(input.as_bytes(), &every_byte, None).await, expected);
+        // A block the stream ends in the middle of is not an event.
+        assert_eq!(
+            events(b"data: whole\n\ndata: half", &[], None).await,
+            vec![event("", "whole")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transport_failure_or_bad_text_ends_the_events_with_an_error() {
+        let broken = LlmError::Connection {
+            provider: ProviderKind::Anthropic,
+            message: "the connection reset".into(),
+        };
+        assert_eq!(
+            events(b"data: a\n\ndata: b", &[], Some(broken)).await,
+            vec![
+                event("", "a"),
+                Err("connection_error: anthropic: connection failed: the connection reset".into())
+            ]
+        );
+        let got = events(b"data: a\n\ndata: \xff\xfe\n\ndata: c\n\n", &[], None).await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0], event("", "a"));
+        let error = got[1].as_ref().unwrap_err();
+        assert!(
+            error.starts_with("malformed_response: ") && error.contains("UTF-8"),
             "{error}"
         );
     }

@@ -247,7 +247,7 @@ impl State {
 
 /// Parses one event's data. The `type` field names the event; the `event:` line is only a
 /// fallback for servers that leave `type` out.
-fn parse_event(event: &eventsource_stream::Event) -> Result<Event> {
+fn parse_event(event: &http::SseEvent) -> Result<Event> {
     let mut value: Value = http::parse_json(PROVIDER, event.data.as_bytes())?;
     if let Value::Object(object) = &mut value
         && !object.contains_key("type")
@@ -264,7 +264,7 @@ fn parse_event(event: &eventsource_stream::Event) -> Result<Event> {
     })
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<eventsource_stream::Event>> + Send + 'static>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<http::SseEvent>> + Send + 'static>>;
 
 struct Decoder {
     events: EventStream,

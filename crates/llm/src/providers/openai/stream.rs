@@ -114,7 +114,7 @@ pub(super) fn decode_frame(data: &str, saw_tool_calls: &mut bool) -> Result<Vec<
     Ok(chunks)
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<eventsource_stream::Event>> + Send + 'static>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<http::SseEvent>> + Send + 'static>>;
 
 struct Decoder {
     events: EventStream,
