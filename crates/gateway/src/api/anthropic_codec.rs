@@ -30,6 +30,7 @@ use serde_json::{Map, Value, json};
 
 use super::codec_util::{
     DEFAULT_MODEL, FieldReader, Parsed, bad_request, invalid_value, kind, parse_body, present,
+    write_json,
 };
 use super::error::ApiError;
 
@@ -676,8 +677,14 @@ struct UsageBody<'a> {
 
 /// One SSE event: `event: NAME\ndata: JSON\n\n`. (Serialised JSON never contains a raw
 /// newline, so one `data:` line suffices.)
-pub fn sse_event(name: &str, data: &Value) -> Bytes {
-    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+pub fn sse_event<T: Serialize + ?Sized>(name: &str, data: &T) -> Bytes {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    write_json(&mut out, data);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
 }
 
 /// The content block currently open in the stream.
@@ -829,6 +836,20 @@ impl EventEncoder {
         )
     }
 
+    /// A `text_delta` event, written around the escaped text (the event a stream is made of:
+    /// no JSON tree is built for it).
+    fn text_delta(index: u32, text: &str) -> Bytes {
+        const HEAD: &[u8] =
+            b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":";
+        let mut out = Vec::with_capacity(HEAD.len() + text.len() + 64);
+        out.extend_from_slice(HEAD);
+        write_json(&mut out, &index);
+        out.extend_from_slice(b",\"delta\":{\"type\":\"text_delta\",\"text\":");
+        write_json(&mut out, text);
+        out.extend_from_slice(b"}}\n\n");
+        Bytes::from(out)
+    }
+
     /// Starts the tool call's block if it has not started; its Anthropic index.
     fn start_tool(&mut self, slot: usize, out: &mut Vec<Bytes>) -> u32 {
         if let Some(index) = self.tools[slot].block {
@@ -888,10 +909,7 @@ impl EventEncoder {
                         index
                     }
                 };
-                out.push(Self::block_delta(
-                    index,
-                    json!({"type": "text_delta", "text": text}),
-                ));
+                out.push(Self::text_delta(index, text));
             }
             StreamChunk::ToolCallDelta {
                 index,

@@ -23,6 +23,14 @@ pub(super) fn bad_request(
     ApiError::new(StatusCode::BAD_REQUEST, code, message).with_param(param)
 }
 
+/// Appends `value` as compact JSON. Serializing a string or a JSON value into memory cannot
+/// fail: nothing here has non-string map keys or a writer that errs.
+pub(super) fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    if let Err(error) = serde_json::to_writer(out, value) {
+        tracing::error!(%error, "serializing a stream event");
+    }
+}
+
 /// A JSON type name for error messages.
 pub(super) fn kind(value: &Value) -> &'static str {
     match value {

@@ -22,6 +22,7 @@ use serde_json::{Map, Value, json};
 
 use super::codec_util::{
     DEFAULT_MODEL, FieldReader, Parsed, bad_request, invalid_value, kind, parse_body, present,
+    write_json,
 };
 use super::error::ApiError;
 
@@ -926,14 +927,6 @@ pub fn sse_data(value: &Value) -> Bytes {
     write_json(&mut out, value);
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
-}
-
-/// Appends `value` as compact JSON. Serializing a string or a JSON value into memory cannot
-/// fail: nothing here has non-string map keys or a writer that errs.
-fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    if let Err(error) = serde_json::to_writer(out, value) {
-        tracing::error!(%error, "serializing a stream event");
-    }
 }
 
 // ---------------------------------------------------------------------------------------

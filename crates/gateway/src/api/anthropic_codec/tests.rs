@@ -911,10 +911,10 @@ fn text_stream_is_exactly_anthropics_sequence() {
         "event: ping\ndata: {\"type\":\"ping\"}\n\n",
         "event: content_block_start\ndata: {\"content_block\":{\"text\":\"\",\"type\":\"text\"},",
         "\"index\":0,\"type\":\"content_block_start\"}\n\n",
-        "event: content_block_delta\ndata: {\"delta\":{\"text\":\"Hel\",\"type\":\"text_delta\"},",
-        "\"index\":0,\"type\":\"content_block_delta\"}\n\n",
-        "event: content_block_delta\ndata: {\"delta\":{\"text\":\"lo \\\"w\\\"\\n\",",
-        "\"type\":\"text_delta\"},\"index\":0,\"type\":\"content_block_delta\"}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,",
+        "\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,",
+        "\"delta\":{\"type\":\"text_delta\",\"text\":\"lo \\\"w\\\"\\n\"}}\n\n",
         "event: content_block_stop\ndata: {\"index\":0,\"type\":\"content_block_stop\"}\n\n",
         "event: message_delta\ndata: {\"delta\":{\"stop_reason\":\"end_turn\",",
         "\"stop_sequence\":null},\"type\":\"message_delta\",\"usage\":{\"cost_usd\":\"0.5\",",
@@ -1072,6 +1072,22 @@ fn encode_and_finish_send_message_start_themselves() {
     assert_eq!(
         events[0].1["message"]["usage"],
         json!({"input_tokens": 4, "output_tokens": 0})
+    );
+    // A text delta as written, its text escaped.
+    assert_eq!(
+        std::str::from_utf8(frames.last().unwrap()).unwrap(),
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\
+         \"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n"
+    );
+    let frames = encoder.encode(&text("line\n\"quoted\" \u{7f} ✓"));
+    assert_eq!(
+        std::str::from_utf8(&frames[0]).unwrap(),
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\
+         \"delta\":{\"type\":\"text_delta\",\"text\":\"line\\n\\\"quoted\\\" \u{7f} ✓\"}}\n\n"
+    );
+    assert_eq!(
+        sse_events(&frames)[0].1["delta"]["text"],
+        "line\n\"quoted\" \u{7f} ✓"
     );
     // Usage and empty chunks produce nothing.
     assert!(
