@@ -246,8 +246,13 @@ impl State {
 }
 
 /// Parses one event's data. The `type` field names the event; the `event:` line is only a
-/// fallback for servers that leave `type` out.
+/// fallback for servers that leave `type` out. Data that does not read as an event directly
+/// (no `type`, or not an event at all) goes through a JSON tree, which takes the name from
+/// the `event:` line and words the error.
 fn parse_event(event: &http::SseEvent) -> Result<Event> {
+    if let Ok(parsed) = serde_json::from_str::<Event>(&event.data) {
+        return Ok(parsed);
+    }
     let mut value: Value = http::parse_json(PROVIDER, event.data.as_bytes())?;
     if let Value::Object(object) = &mut value
         && !object.contains_key("type")

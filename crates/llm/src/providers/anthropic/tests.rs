@@ -147,6 +147,29 @@ fn an_error_event_ends_the_stream() {
 }
 
 #[test]
+fn events_without_a_type_are_named_by_their_event_line() {
+    let text = concat!(
+        "event: content_block_delta\n",
+        "data: {\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+        "event: message_delta\n",
+        "data: {\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}\n\n",
+        "event: message_stop\ndata: {}\n\n",
+    );
+    let chunks = decode(text.as_bytes(), &[]);
+    assert_eq!(chunks[0], Ok(StreamChunk::TextDelta { text: "Hi".into() }));
+    let response = accumulate(&chunks);
+    assert_eq!(response.message.content, "Hi");
+    assert_eq!(response.finish_reason, FinishReason::Stop);
+    assert_eq!(response.usage.output_tokens, 2);
+    // Data that is no event under either name is malformed, naming the event.
+    let chunks = decode(
+        b"event: content_block_delta\ndata: {\"index\":\"x\"}\n\n",
+        &[],
+    );
+    assert_eq!(chunks, vec![Err("malformed_response".to_owned())]);
+}
+
+#[test]
 fn data_that_is_not_json_is_malformed() {
     let chunks = decode(b"event: content_block_delta\ndata: {not json\n\n", &[]);
     assert_eq!(chunks, vec![Err("malformed_response".to_owned())]);
