@@ -752,14 +752,23 @@ impl ChunkEncoder {
         self.finished
     }
 
-    /// One event: the repeated fields, `choices` as `write_choices` writes it, then `usage`
-    /// (`null` until the last chunk) when the client asked for it.
-    fn event(&self, extra: usize, write_choices: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    /// One event: the repeated fields, `choices` as `write_choices` writes it, then — when
+    /// the client asked for usage — `usage`: `null` on every chunk but the last.
+    fn event(
+        &self,
+        extra: usize,
+        write_choices: impl FnOnce(&mut Vec<u8>),
+        usage: Option<&Value>,
+    ) -> Bytes {
         let mut out = Vec::with_capacity(self.head.len() + CHOICE_TEXT + extra);
         out.extend_from_slice(&self.head);
         write_choices(&mut out);
         if self.include_usage {
-            out.extend_from_slice(b",\"usage\":null");
+            out.extend_from_slice(b",\"usage\":");
+            match usage {
+                Some(usage) => write_json(&mut out, usage),
+                None => out.extend_from_slice(b"null"),
+            }
         }
         out.extend_from_slice(b"}\n\n");
         Bytes::from(out)
@@ -772,16 +781,20 @@ impl ChunkEncoder {
         write_delta: impl FnOnce(&mut Vec<u8>),
         finish: Option<&str>,
     ) -> Bytes {
-        self.event(extra, |out| {
-            out.extend_from_slice(b"[{\"index\":0,\"delta\":");
-            write_delta(out);
-            out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
-            match finish {
-                Some(reason) => write_json(out, reason),
-                None => out.extend_from_slice(b"null"),
-            }
-            out.extend_from_slice(b"}]");
-        })
+        self.event(
+            extra,
+            |out| {
+                out.extend_from_slice(b"[{\"index\":0,\"delta\":");
+                write_delta(out);
+                out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
+                match finish {
+                    Some(reason) => write_json(out, reason),
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b"}]");
+            },
+            None,
+        )
     }
 
     /// The opening chunk (`role: assistant`), once, before anything else.
@@ -885,12 +898,8 @@ impl ChunkEncoder {
             return None;
         }
         self.usage_sent = true;
-        let mut out = Vec::with_capacity(self.head.len() + 128);
-        out.extend_from_slice(&self.head);
-        out.extend_from_slice(b"[],\"usage\":");
-        write_json(&mut out, &usage_json(usage, cost_usd));
-        out.extend_from_slice(b"}\n\n");
-        Some(Bytes::from(out))
+        let usage = usage_json(usage, cost_usd);
+        Some(self.event(64, |out| out.extend_from_slice(b"[]"), Some(&usage)))
     }
 
     /// An error event for a stream that fails after it started, in OpenAI's envelope
