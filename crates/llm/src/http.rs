@@ -1,5 +1,6 @@
-//! The HTTP plumbing every provider shares: pooled upstream connections (hyper's client,
-//! HTTP/2 spread over several connections), error classification, SSE and NDJSON framing.
+//! The HTTP plumbing every provider shares: pooled upstream connections (hyper's client;
+//! h2c by [`crate::h2c`]; HTTP/2 spread over several connections), error classification, SSE
+//! and NDJSON framing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +23,7 @@ pub(crate) use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub(crate) use ::http::{Method, Uri};
 
 use crate::error::{LlmError, Result};
+use crate::h2c;
 use crate::types::ProviderKind;
 
 /// The longest NDJSON line accepted from an upstream.
@@ -89,11 +91,12 @@ type AnswerBody = UnsyncBoxBody<Bytes, BoxError>;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The process's upstream clients. Each "lane" is a client with its own pool, so an HTTP/2
-/// upstream gets one connection per lane in use: a request takes the first lane whose
-/// connection to its upstream carries fewer than `streams_per_connection` requests and
-/// holds it (a [`Lease`]) until its answer has been read. Plain HTTP/1.1 requests all use
-/// the first lane, whose pool keeps one connection per concurrent request anyway.
+/// The process's upstream clients. Each "lane" is a client with its own pool (over TLS) or
+/// one h2c connection (a [`crate::h2c::Slot`]), so an HTTP/2 upstream gets one connection
+/// per lane in use: a request takes the first lane whose connection to its upstream carries
+/// fewer than `streams_per_connection` requests and holds it (a [`Lease`]) until its answer
+/// has been read. Plain HTTP/1.1 requests all use the first lane, whose pool keeps one
+/// connection per concurrent request anyway.
 ///
 /// When the environment names a proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`), every
 /// request goes through reqwest instead, which implements those variables and `NO_PROXY`.
@@ -101,8 +104,8 @@ struct Lanes {
     streams_per_connection: usize,
     /// Negotiating clients (HTTP/2 over TLS where offered; HTTP/1.1 only when `Off`).
     negotiated: Family,
-    /// h2c clients, with `PriorKnowledge`.
-    prior_knowledge: Option<Family>,
+    /// h2c to plain `http://` upstreams other than Ollama, with `PriorKnowledge`.
+    h2c: bool,
     /// Per upstream origin (`scheme://host:port`): requests in flight on each lane.
     origins: RwLock<HashMap<String, Arc<Origin>>>,
     /// The client for proxied requests, when a proxy is configured.
@@ -116,19 +119,17 @@ struct Family {
     /// The connector every lane clones: one TLS configuration (root certificates, ALPN) for
     /// all of them.
     connector: HttpsConnector<HttpConnector>,
-    prior_knowledge: bool,
     http1_only: bool,
 }
 
 impl Family {
-    fn new(prior_knowledge: bool, http1_only: bool) -> std::result::Result<Self, String> {
+    fn new(http1_only: bool) -> std::result::Result<Self, String> {
         let connector = connector(http1_only)?;
-        let first = build_client(&connector, prior_knowledge);
+        let first = build_client(&connector);
         Ok(Self {
             clients: RwLock::new(vec![first.clone()]),
             first,
             connector,
-            prior_knowledge,
             http1_only,
         })
     }
@@ -140,7 +141,7 @@ impl Family {
         }
         let mut clients = self.clients.write().ok()?;
         while clients.len() <= lane {
-            clients.push(build_client(&self.connector, self.prior_knowledge));
+            clients.push(build_client(&self.connector));
         }
         clients.get(lane).cloned()
     }
@@ -167,7 +168,7 @@ fn connector(http1_only: bool) -> std::result::Result<HttpsConnector<HttpConnect
     })
 }
 
-fn build_client(connector: &HttpsConnector<HttpConnector>, prior_knowledge: bool) -> Upstream {
+fn build_client(connector: &HttpsConnector<HttpConnector>) -> Upstream {
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -179,8 +180,7 @@ fn build_client(connector: &HttpsConnector<HttpConnector>, prior_knowledge: bool
         // Stream windows sized from the measured bandwidth-delay product: large answers
         // (embeddings) are not throttled on a distant upstream, and a slow reader does not
         // let megabytes pile up per stream.
-        .http2_adaptive_window(true)
-        .http2_only(prior_knowledge);
+        .http2_adaptive_window(true);
     builder.build(connector.clone())
 }
 
@@ -215,6 +215,17 @@ fn proxied_client(http1_only: bool) -> std::result::Result<reqwest::Client, Stri
 
 struct Origin {
     in_flight: Box<[AtomicUsize]>,
+    /// Each lane's connection, for an h2c upstream.
+    h2c: Box<[OnceLock<Arc<h2c::Slot>>]>,
+}
+
+/// Where a request goes. Made and taken apart at once, never stored: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Route {
+    /// hyper's pooled client: HTTP/1.1, or HTTP/2 where TLS negotiates it.
+    Client(Upstream, Option<Lease>),
+    /// A lane's h2c connection.
+    H2c(Arc<h2c::Slot>, Lease),
 }
 
 /// A request's place on a lane, given back when its answer has been read or dropped.
@@ -247,11 +258,8 @@ impl Lanes {
                 };
                 Ok(Lanes {
                     streams_per_connection: options.streams_per_connection.max(1),
-                    negotiated: Family::new(false, http1_only)?,
-                    prior_knowledge: match options.http2 {
-                        Http2Mode::PriorKnowledge => Some(Family::new(true, false)?),
-                        Http2Mode::Auto | Http2Mode::Off => None,
-                    },
+                    negotiated: Family::new(http1_only)?,
+                    h2c: options.http2 == Http2Mode::PriorKnowledge,
                     origins: RwLock::default(),
                     proxied,
                 })
@@ -260,24 +268,20 @@ impl Lanes {
             .map_err(Clone::clone)
     }
 
-    /// The client to send to `uri` (parsed from `url`) with, and the lease it holds. Plain
-    /// HTTP/1.1 takes the first lane without a lease.
-    fn pick(&self, provider: ProviderKind, url: &str, uri: &Uri) -> (Upstream, Option<Lease>) {
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return (self.negotiated.first.clone(), None),
-        };
-        let family = match (https, &self.prior_knowledge) {
-            (false, Some(h2c)) if provider != ProviderKind::Ollama => h2c,
-            (true, _) if !self.negotiated.http1_only => &self.negotiated,
-            _ => return (self.negotiated.first.clone(), None),
+    /// Where to send `uri` (parsed from `url`), and the lease it holds. Plain HTTP/1.1
+    /// takes the first lane without a lease.
+    fn pick(&self, provider: ProviderKind, url: &str, uri: &Uri) -> Route {
+        let plain = || Route::Client(self.negotiated.first.clone(), None);
+        let h2c = match uri.scheme_str() {
+            Some("http") if self.h2c && provider != ProviderKind::Ollama => true,
+            Some("https") if !self.negotiated.http1_only => false,
+            _ => return plain(),
         };
         // `scheme://authority`, as written in the URL the URI was parsed from.
         let origin_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
             + uri.authority().map_or(0, |a| a.as_str().len());
         let Some(origin) = url.get(..origin_len).and_then(|key| self.origin(key)) else {
-            return (self.negotiated.first.clone(), None);
+            return plain();
         };
         let cap = self.streams_per_connection;
         let mut chosen = None;
@@ -303,11 +307,19 @@ impl Lanes {
             }
             lane
         });
-        let lease = Lease { origin, lane };
-        match family.lane(lane) {
-            Some(client) => (client, Some(lease)),
-            None => (family.first.clone(), Some(lease)),
+        if h2c {
+            let slot = origin
+                .h2c
+                .get(lane)
+                .map(|slot| slot.get_or_init(Arc::default).clone())
+                .unwrap_or_default();
+            return Route::H2c(slot, Lease { origin, lane });
         }
+        let client = self
+            .negotiated
+            .lane(lane)
+            .unwrap_or_else(|| self.negotiated.first.clone());
+        Route::Client(client, Some(Lease { origin, lane }))
     }
 
     fn origin(&self, key: &str) -> Option<Arc<Origin>> {
@@ -327,6 +339,7 @@ impl Lanes {
                 .or_insert_with(|| {
                     Arc::new(Origin {
                         in_flight: (0..MAX_LANES).map(|_| AtomicUsize::new(0)).collect(),
+                        h2c: (0..MAX_LANES).map(|_| OnceLock::new()).collect(),
                     })
                 })
                 .clone(),
@@ -421,10 +434,18 @@ impl SendError {
         self.connect
     }
 
-    fn new(message: impl Into<String>) -> Self {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             connect: false,
+        }
+    }
+
+    /// The connection could not be made.
+    pub(crate) fn connect(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            connect: true,
         }
     }
 
@@ -492,13 +513,27 @@ pub(crate) async fn dispatch(
                 "invalid upstream URL `{url}`: expected http:// or https:// and a host"
             ))
         })?;
-    let (client, lease) = lanes.pick(provider, &url, &uri);
+    let (client, lease) = match lanes.pick(provider, &url, &uri) {
+        Route::Client(client, lease) => (client, lease),
+        Route::H2c(slot, lease) => {
+            let response = h2c::send(&slot, method, uri, headers, body).await?;
+            let (parts, body) = response.into_parts();
+            return Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body: body.map_err(BoxError::from).boxed_unsync(),
+                lease: Some(lease),
+            });
+        }
+    };
     let mut outgoing = ::http::Request::new(Full::new(body));
     *outgoing.method_mut() = method;
     *outgoing.uri_mut() = uri;
     *outgoing.headers_mut() = headers;
-    let response = client
-        .request(outgoing)
+    // The client (352 bytes) is not kept across the wait: the future it gives owns what it needs.
+    let pending = client.request(outgoing);
+    drop(client);
+    let response = pending
         .await
         .map_err(|e| SendError::from_error(&url, &e, e.is_connect()))?;
     let (parts, body) = response.into_parts();
