@@ -91,18 +91,17 @@ impl FallbackChain {
         &self.entries
     }
 
-    /// The request as entry `index` receives it: the caller's model choice applies to the
-    /// first entry only; the others use their own configured models.
-    fn request_for<'r>(
-        index: usize,
-        request: &'r CompletionRequest,
-    ) -> std::borrow::Cow<'r, CompletionRequest> {
+    /// A copy of the request for entry `index`, when it needs one: the caller's model
+    /// choice applies to the first entry only; the others use their own configured models.
+    /// Boxed: a call's future holds it while the provider works (a `Cow` would take the
+    /// whole request's size there even when borrowing).
+    fn own_request(index: usize, request: &CompletionRequest) -> Option<Box<CompletionRequest>> {
         if index == 0 || request.model.is_none() {
-            std::borrow::Cow::Borrowed(request)
+            None
         } else {
-            let mut own = request.clone();
+            let mut own = Box::new(request.clone());
             own.model = None;
-            std::borrow::Cow::Owned(own)
+            Some(own)
         }
     }
 
@@ -154,8 +153,9 @@ impl FallbackChain {
     ) -> Result<Served<CompletionResponse>, FallbackExhausted> {
         self.run(|index, provider| {
             Box::pin(async move {
-                let request = Self::request_for(index, request);
-                provider.complete(&request).await
+                let own = Self::own_request(index, request);
+                let request = own.as_deref().unwrap_or(request);
+                provider.complete(request).await
             })
         })
         .await
@@ -168,8 +168,9 @@ impl FallbackChain {
     ) -> Result<Served<ChunkStream>, FallbackExhausted> {
         self.run(|index, provider| {
             Box::pin(async move {
-                let request = Self::request_for(index, request);
-                let mut stream = provider.stream(&request).await?;
+                let own = Self::own_request(index, request);
+                let request = own.as_deref().unwrap_or(request);
+                let mut stream = provider.stream(request).await?;
                 let first = match stream.next().await {
                     Some(Ok(chunk)) => Some(chunk),
                     Some(Err(error)) => return Err(error),

@@ -16,6 +16,7 @@
 //! earlier last stream) is sent again once on a fresh connection; one it may have processed
 //! is not, since chat requests are not idempotent.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -26,7 +27,9 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::http::{HeaderMap, Method, SendError, Uri, header};
+#[cfg(test)]
+use crate::http::{HeaderMap, Method};
+use crate::http::{SendError, Uri, header};
 
 /// A connection unused this long is closed (as hyper's pool does with idle connections).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -106,7 +109,9 @@ impl Slot {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
-        let conn = connect(uri, Arc::downgrade(self), self.idle_timeout / 6).await?;
+        // Boxed: connecting (the TCP connect and the HTTP/2 handshake) is rare, and inline it
+        // would size the future of every request.
+        let conn = Box::pin(connect(uri, Arc::downgrade(self), self.idle_timeout / 6)).await?;
         if let Ok(mut current) = self.current.lock() {
             *current = Some(conn.clone());
         }
@@ -190,14 +195,18 @@ async fn drive(
     }
 }
 
-/// Sends a request on `slot`'s connection and waits for the head of its answer.
-pub(crate) async fn send(
-    slot: &Arc<Slot>,
-    method: Method,
-    uri: Uri,
-    mut headers: HeaderMap,
+/// Sends a request (`head` and `body`) on `slot`'s connection and waits for the head of its
+/// answer.
+///
+/// The future is written to stay small, as a stream holds it until the upstream answers:
+/// the request is kept once (for a second attempt), and while the answer is awaited only
+/// the stream's handles are held besides.
+pub(crate) fn send(
+    slot: Arc<Slot>,
+    mut head: ::http::Request<()>,
     body: Bytes,
-) -> Result<::http::Response<H2Body>, SendError> {
+) -> impl Future<Output = Result<::http::Response<H2Body>, SendError>> + Send + 'static {
+    let headers = head.headers_mut();
     // Connection-specific headers are not allowed in HTTP/2 (RFC 9113 §8.2.2).
     for name in [
         header::CONNECTION,
@@ -216,38 +225,43 @@ pub(crate) async fn send(
         );
     }
     slot.last_used.store(now_ms(), Ordering::Relaxed);
-    let mut retried = false;
-    loop {
-        let conn = slot.conn(&uri).await?;
-        let mut request = ::http::Request::new(());
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = uri.clone();
-        *request.headers_mut() = if retried {
-            std::mem::take(&mut headers)
-        } else {
-            headers.clone()
-        };
-        match exchange(conn.sender, request, &body).await {
-            Ok(response) => {
-                let (parts, recv) = response.into_parts();
-                return Ok(::http::Response::from_parts(parts, H2Body::new(recv)));
-            }
-            Err(Failed { error, unprocessed }) => {
-                // A reset stream leaves its connection usable; anything else does not.
-                if !error.is_reset() || unprocessed {
-                    slot.forget(conn.id);
+    async move {
+        let mut retried = false;
+        loop {
+            let conn = slot.conn(head.uri()).await?;
+            let id = conn.id;
+            let failed = match exchange(conn.sender, &head, &body).await {
+                Ok(response) => {
+                    let (parts, recv) = response.into_parts();
+                    return Ok(::http::Response::from_parts(parts, H2Body::new(recv)));
                 }
-                if unprocessed && !retried {
-                    tracing::debug!(%error, "upstream did not take the request; sending it again");
-                    retried = true;
-                    continue;
-                }
-                return Err(SendError::new(format!(
-                    "error sending request to {uri}: {error}"
-                )));
+                Err(failed) => failed,
+            };
+            let Failed { error, unprocessed } = failed;
+            // A reset stream leaves its connection usable; anything else does not.
+            if !error.is_reset() || unprocessed {
+                slot.forget(id);
             }
+            if unprocessed && !retried {
+                tracing::debug!(%error, "upstream did not take the request; sending it again");
+                retried = true;
+                continue;
+            }
+            return Err(SendError::new(format!(
+                "error sending request to {}: {error}",
+                head.uri()
+            )));
         }
     }
+}
+
+/// A copy of a request's head, for one attempt.
+fn copy(head: &::http::Request<()>) -> ::http::Request<()> {
+    let mut copy = ::http::Request::new(());
+    *copy.method_mut() = head.method().clone();
+    *copy.uri_mut() = head.uri().clone();
+    *copy.headers_mut() = head.headers().clone();
+    copy
 }
 
 /// Why an exchange failed, and whether the upstream surely did not process the request.
@@ -256,25 +270,32 @@ struct Failed {
     unprocessed: bool,
 }
 
+/// One attempt: waits for room on the connection, sends a copy of the request, waits for the
+/// answer's head. It borrows the request: an `async fn` keeps its arguments for as long as
+/// it runs, and the copy sent is made and given away between two waits, so only the
+/// stream's handles are held while the answer is awaited.
 async fn exchange(
     sender: SendRequest<Bytes>,
-    request: ::http::Request<()>,
+    head: &::http::Request<()>,
     body: &Bytes,
 ) -> Result<::http::Response<h2::RecvStream>, Failed> {
     let before_sending = |error: h2::Error| Failed {
         error,
         unprocessed: true,
     };
-    let mut sender = sender.ready().await.map_err(before_sending)?;
-    let (response, mut stream) = sender
-        .send_request(request, body.is_empty())
-        .map_err(before_sending)?;
-    if !body.is_empty() {
-        // Queued on the connection; sent as the upstream's window allows.
-        stream
-            .send_data(body.clone(), true)
+    let (response, _stream) = {
+        let mut sender = sender.ready().await.map_err(before_sending)?;
+        let (response, mut stream) = sender
+            .send_request(copy(head), body.is_empty())
             .map_err(before_sending)?;
-    }
+        if !body.is_empty() {
+            // Queued on the connection; sent as the upstream's window allows.
+            stream
+                .send_data(body.clone(), true)
+                .map_err(before_sending)?;
+        }
+        (response, stream)
+    };
     response.await.map_err(|error| {
         let unprocessed = error.reason() == Some(h2::Reason::REFUSED_STREAM)
             || (error.is_go_away()
@@ -352,6 +373,14 @@ mod tests {
         Uri::try_from(format!("http://{addr}{path}")).expect("a URI")
     }
 
+    fn chat_head(addr: SocketAddr) -> ::http::Request<()> {
+        let mut head = ::http::Request::new(());
+        *head.method_mut() = Method::POST;
+        *head.uri_mut() = uri(addr, "/v1/chat/completions");
+        *head.headers_mut() = json_headers();
+        head
+    }
+
     fn json_headers() -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -367,10 +396,8 @@ mod tests {
 
     async fn post(slot: &Arc<Slot>, addr: SocketAddr) -> Result<(u16, Bytes), SendError> {
         let answer = send(
-            slot,
-            Method::POST,
-            uri(addr, "/v1/chat/completions"),
-            json_headers(),
+            slot.clone(),
+            chat_head(addr),
             Bytes::from_static(CHAT.as_bytes()),
         )
         .await?;
@@ -545,10 +572,8 @@ mod tests {
         let (addr, _, _) = scripted(|_| Act::CutMidBody).await;
         let slot = Arc::new(Slot::default());
         let answer = send(
-            &slot,
-            Method::POST,
-            uri(addr, "/v1/chat/completions"),
-            json_headers(),
+            slot.clone(),
+            chat_head(addr),
             Bytes::from_static(CHAT.as_bytes()),
         )
         .await

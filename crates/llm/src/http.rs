@@ -484,10 +484,74 @@ pub(crate) struct Answer {
 }
 
 /// Sends a request on the lane chosen for its upstream.
-pub(crate) async fn dispatch(
+///
+/// Not an `async fn`: the request is taken apart and routed at once, and the future returned
+/// holds only what the chosen way of sending needs (an `async fn` would keep the whole
+/// request beside its moved copy while the upstream works, which a stream does until its
+/// upstream answers).
+pub(crate) fn dispatch(
     provider: ProviderKind,
     request: Outgoing,
-) -> std::result::Result<Answer, SendError> {
+) -> impl Future<Output = std::result::Result<Answer, SendError>> + Send + 'static {
+    use futures::future::{Either, FutureExt, TryFutureExt, ready};
+    match route(provider, request) {
+        Ok(Routed::H2c {
+            slot,
+            lease,
+            head,
+            body,
+        }) => Either::Left(Either::Left(h2c::send(slot, head, body).map_ok(
+            move |response| {
+                let (parts, body) = response.into_parts();
+                Answer {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: body.map_err(BoxError::from).boxed_unsync(),
+                    lease: Some(lease),
+                }
+            },
+        ))),
+        Ok(Routed::Client {
+            pending,
+            lease,
+            url,
+        }) => Either::Left(Either::Right(pending.map(move |result| {
+            let response = result.map_err(|e| SendError::from_error(&url, &e, e.is_connect()))?;
+            let (parts, body) = response.into_parts();
+            Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body: body.map_err(BoxError::from).boxed_unsync(),
+                lease,
+            })
+        }))),
+        Ok(Routed::Proxied(proxied)) => Either::Right(Either::Left(proxied)),
+        Err(error) => Either::Right(Either::Right(ready(Err(error)))),
+    }
+}
+
+/// A request on its way: what [`dispatch`] sends it with. Taken apart at once, never stored.
+#[allow(clippy::large_enum_variant)]
+enum Routed {
+    /// On an h2c lane.
+    H2c {
+        slot: Arc<h2c::Slot>,
+        lease: Lease,
+        head: ::http::Request<()>,
+        body: Bytes,
+    },
+    /// On hyper's pooled client, already handed to it.
+    Client {
+        pending: hyper_util::client::legacy::ResponseFuture,
+        lease: Option<Lease>,
+        url: String,
+    },
+    /// Through the configured proxy.
+    Proxied(futures::future::BoxFuture<'static, std::result::Result<Answer, SendError>>),
+}
+
+/// Checks a request and chooses how it is sent.
+fn route(provider: ProviderKind, request: Outgoing) -> std::result::Result<Routed, SendError> {
     if let Some(header) = &request.invalid {
         return Err(SendError::new(format!(
             "the value of the `{header}` header cannot be sent: it holds characters HTTP \
@@ -496,7 +560,7 @@ pub(crate) async fn dispatch(
     }
     let lanes = Lanes::get().map_err(SendError::new)?;
     if let Some(client) = &lanes.proxied {
-        return dispatch_proxied(client, request).await;
+        return Ok(Routed::Proxied(Box::pin(dispatch_proxied(client, request))));
     }
     let Outgoing {
         method,
@@ -513,40 +577,31 @@ pub(crate) async fn dispatch(
                 "invalid upstream URL `{url}`: expected http:// or https:// and a host"
             ))
         })?;
-    let (client, lease) = match lanes.pick(provider, &url, &uri) {
-        Route::Client(client, lease) => (client, lease),
-        Route::H2c(slot, lease) => {
-            let response = h2c::send(&slot, method, uri, headers, body).await?;
-            let (parts, body) = response.into_parts();
-            return Ok(Answer {
-                status: parts.status,
-                headers: parts.headers,
-                body: body.map_err(BoxError::from).boxed_unsync(),
-                lease: Some(lease),
-            });
+    let route = lanes.pick(provider, &url, &uri);
+    let mut head = ::http::Request::new(());
+    *head.method_mut() = method;
+    *head.uri_mut() = uri;
+    *head.headers_mut() = headers;
+    Ok(match route {
+        Route::H2c(slot, lease) => Routed::H2c {
+            slot,
+            lease,
+            head,
+            body,
+        },
+        Route::Client(client, lease) => {
+            let (parts, ()) = head.into_parts();
+            Routed::Client {
+                pending: client.request(::http::Request::from_parts(parts, Full::new(body))),
+                lease,
+                url,
+            }
         }
-    };
-    let mut outgoing = ::http::Request::new(Full::new(body));
-    *outgoing.method_mut() = method;
-    *outgoing.uri_mut() = uri;
-    *outgoing.headers_mut() = headers;
-    // The client (352 bytes) is not kept across the wait: the future it gives owns what it needs.
-    let pending = client.request(outgoing);
-    drop(client);
-    let response = pending
-        .await
-        .map_err(|e| SendError::from_error(&url, &e, e.is_connect()))?;
-    let (parts, body) = response.into_parts();
-    Ok(Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.map_err(BoxError::from).boxed_unsync(),
-        lease,
     })
 }
 
 async fn dispatch_proxied(
-    client: &reqwest::Client,
+    client: &'static reqwest::Client,
     request: Outgoing,
 ) -> std::result::Result<Answer, SendError> {
     let response = client
@@ -573,15 +628,15 @@ pub fn install_crypto_provider() {
 }
 
 /// Sends a request; a non-2xx answer is read and classified by `parse_error`.
-pub(crate) async fn send(
+pub(crate) fn send(
     provider: ProviderKind,
     request: Outgoing,
     parse_error: ErrorParser,
-) -> Result<Answer> {
-    let answer = dispatch(provider, request)
-        .await
-        .map_err(|e| LlmError::connection(provider, &e))?;
-    answer.checked(provider, parse_error).await
+) -> impl Future<Output = Result<Answer>> + Send + 'static {
+    use futures::TryFutureExt;
+    dispatch(provider, request)
+        .map_err(move |e| LlmError::connection(provider, &e))
+        .and_then(move |answer| answer.checked(provider, parse_error))
 }
 
 impl Answer {
@@ -589,13 +644,16 @@ impl Answer {
     /// `parse_error`. Redirects are not followed (a request carries the provider's key, and
     /// a POST is not to be replayed elsewhere): one is reported as an answer the gateway
     /// cannot use, naming where it points, so the base URL can be corrected.
-    pub(crate) async fn checked(
+    ///
+    /// A success comes back at once, without a future holding the answer a second time.
+    pub(crate) fn checked(
         self,
         provider: ProviderKind,
         parse_error: ErrorParser,
-    ) -> Result<Self> {
+    ) -> impl Future<Output = Result<Self>> + Send + 'static {
+        use futures::future::{Either, ready};
         if self.status.is_success() {
-            return Ok(self);
+            return Either::Left(ready(Ok(self)));
         }
         if self.status.is_redirection() {
             let target = self
@@ -603,14 +661,14 @@ impl Answer {
                 .get(header::LOCATION)
                 .and_then(|location| location.to_str().ok())
                 .unwrap_or("nowhere given");
-            return Err(LlmError::malformed(
+            return Either::Left(ready(Err(LlmError::malformed(
                 provider,
                 format!(
                     "the upstream answered HTTP {} redirecting to {target}; redirects are not \
                      followed: set the provider's base URL to the address it redirects to",
                     self.status.as_u16()
                 ),
-            ));
+            ))));
         }
         let Answer {
             status,
@@ -618,13 +676,15 @@ impl Answer {
             body,
             lease,
         } = self;
-        let body = body
-            .collect()
-            .await
-            .map(|collected| collected.to_bytes())
-            .unwrap_or_default();
-        drop(lease);
-        Err(parse_error(status.as_u16(), &headers, &body))
+        Either::Right(Box::pin(async move {
+            let body = body
+                .collect()
+                .await
+                .map(|collected| collected.to_bytes())
+                .unwrap_or_default();
+            drop(lease);
+            Err(parse_error(status.as_u16(), &headers, &body))
+        }))
     }
 }
 

@@ -11,6 +11,8 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use futures::FutureExt;
+use futures::future::Either;
 use meta_chat_llm::{CompletionResponse, StreamChunk, Usage};
 
 use super::AppState;
@@ -31,32 +33,37 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/messages/count_tokens", post(count_tokens))
 }
 
-async fn messages(
+fn messages(
     State(state): State<AppState>,
     arrival: Arrival,
     caller: Result<Caller, ApiError>,
     headers: HeaderMap,
     body: Result<RawBody, ApiError>,
-) -> Response {
-    let result = async {
+) -> impl Future<Output = Response> + Send {
+    let prepared = (|| {
         let tenant = require_tenant(caller?)?;
         let RawBody(body) = body?;
         let parsed = parse_messages_request(&body)?;
-        let call = ChatCall {
+        Ok::<_, Failure>(ChatCall {
             conversation_id: metering::conversation_id(&headers, parsed.conversation_id)?,
             tenant,
             endpoint: "messages",
             model: parsed.model,
             request: parsed.request,
             stream: parsed.stream,
-        };
-        // Slices of the connection's read buffer, released before the upstream is awaited
-        // (as for chat completions).
-        drop((headers, body));
-        chat::serve(state, arrival, call, AnthropicDialect).await
+        })
+        // The body and headers (slices of the connection's read buffer) are released before
+        // the upstream is awaited, as for chat completions.
+    })();
+    drop(headers);
+    // The handler's future is the chat future itself, as for chat completions.
+    match prepared {
+        Ok(call) => Either::Left(
+            chat::serve(state, arrival, call, AnthropicDialect)
+                .map(|result| result.unwrap_or_else(anthropic_failure)),
+        ),
+        Err(failure) => Either::Right(std::future::ready(anthropic_failure(failure))),
     }
-    .await;
-    result.unwrap_or_else(anthropic_failure)
 }
 
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, an estimate (about four

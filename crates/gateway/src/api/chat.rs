@@ -11,6 +11,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use futures::StreamExt;
+use meta_chat_llm::fallback::FallbackChain;
 use meta_chat_llm::{
     ChunkStream, CompletionRequest, CompletionResponse, ProviderKind, StreamAccumulator,
     StreamChunk, Usage, pricing::format_usd,
@@ -89,62 +90,183 @@ pub struct ChatCall {
 
 /// Serves a chat request: requests per minute, the cache, tokens per day and budgets, then the
 /// provider chain; the answer is written by `dialect`.
-pub async fn serve<D: Dialect>(
+///
+/// A stream keeps this future until its first chunk, so its size counts for every open
+/// stream: the arguments are used where they are (an `async fn` would copy them into locals
+/// beside themselves), and what admission needs stays inside its own block, so none of it is
+/// kept while the provider works.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<D: Dialect>(
     state: AppState,
     arrival: Arrival,
     call: ChatCall,
     dialect: D,
-) -> Result<Response, Failure> {
-    let tenant = call.tenant;
-    let request_id = arrival.2;
-    let mut meter = Meter::new(
-        &state,
-        &tenant.id,
-        call.conversation_id,
-        call.endpoint,
-        arrival,
-    );
-    let settings = open_settings(&state, &tenant)?;
-    meter.alert_threshold_nano = metering::alert_threshold_nano(&state, &settings);
-    let limits = admission::tenant_limits(&state, &settings);
+) -> impl Future<Output = Result<Response, Failure>> + Send {
+    async move {
+        let request_id = arrival.2;
+        let mut meter = Meter::new(
+            &state,
+            &call.tenant.id,
+            call.conversation_id,
+            call.endpoint,
+            arrival,
+        );
+        let reply = Reply {
+            id: dialect.response_id(request_id),
+            created: chrono::Utc::now().timestamp(),
+            request_id,
+        };
+        let admission = admit(
+            &state,
+            &call.tenant,
+            call.model.as_deref(),
+            &call.request,
+            call.stream,
+            &mut meter,
+            &dialect,
+            &reply,
+        )
+        .await?;
+        let Admission {
+            chain,
+            admitted,
+            cache_fill,
+            input_estimate,
+            provider,
+            model,
+        } = match admission {
+            Admitted::Call(admission) => admission,
+            Admitted::Cached(answer) => return Ok(answer),
+        };
+
+        let pending = meter.pending(provider, &model, input_estimate);
+        let mut upstream = Duration::ZERO;
+
+        if call.stream {
+            let result = timed(&mut upstream, chain.stream_served(&call.request)).await;
+            pending.done();
+            let served = result.map_err(|e| exhausted(e, &meter))?;
+            let encoder = dialect.stream_encoder(
+                reply.id,
+                reply.created,
+                served.model.clone(),
+                input_estimate,
+            );
+            let body = sse_body(
+                served.value,
+                encoder,
+                StreamContext {
+                    meter,
+                    provider: served.provider,
+                    model: served.model.clone(),
+                    fallback_from: served.failed.first().map(|f| f.provider),
+                    ttft: arrival.0.elapsed(),
+                    input_estimate,
+                    cache_hit: false,
+                    cache_fill,
+                },
+            );
+            let mut response = sse_response(body);
+            set_headers(
+                &mut response,
+                served.provider,
+                &served.model,
+                None,
+                request_id,
+                arrival.overhead(upstream),
+                CacheStatus::Miss,
+                &admitted,
+            );
+            return Ok(response);
+        }
+
+        let result = timed(&mut upstream, chain.complete_served(&call.request)).await;
+        pending.done();
+        let served = result.map_err(|e| exhausted(e, &meter))?;
+        let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
+        outcome.fallback_from = served.failed.first().map(|f| f.provider);
+        let cost = format_usd(meter.record(&outcome));
+        let shown_model = if served.value.model.is_empty() {
+            served.model.as_str()
+        } else {
+            served.value.model.as_str()
+        };
+        let body = dialect.answer_body(&served.value, &reply.id, reply.created, shown_model, &cost);
+        if let Some(fill) = cache_fill {
+            fill.cache.put_later(
+                fill.key,
+                CachedAnswer {
+                    provider: served.provider,
+                    model: served.model.clone(),
+                    response: served.value.clone(),
+                },
+                fill.ttl,
+            );
+        }
+        let mut response = json_response(body);
+        set_headers(
+            &mut response,
+            served.provider,
+            &served.model,
+            Some(&cost),
+            request_id,
+            arrival.overhead(upstream),
+            CacheStatus::Miss,
+            &admitted,
+        );
+        Ok(response)
+    }
+}
+
+/// Admission: the tenant's settings and routing, requests per minute, the cache, tokens per
+/// day and budgets. Its own future, so that none of what it holds is kept in the chat
+/// future's while the provider works.
+#[allow(clippy::too_many_arguments)]
+async fn admit<D: Dialect>(
+    state: &AppState,
+    tenant: &Tenant,
+    model: Option<&str>,
+    request: &CompletionRequest,
+    stream: bool,
+    meter: &mut Meter,
+    dialect: &D,
+    reply: &Reply,
+) -> Result<Admitted, Failure> {
+    let settings = open_settings(state, tenant)?;
+    meter.alert_threshold_nano = metering::alert_threshold_nano(state, &settings);
+    let limits = admission::tenant_limits(state, &settings);
     let cache_ttl = admission::cache_ttl(&settings);
-    let (primary, fallback) =
-        routing::provider_config(&state.config.llm, &settings, call.model.as_deref())?;
+    let (primary, fallback) = routing::provider_config(&state.config.llm, &settings, model)?;
     drop(settings);
-    let reply = Reply {
-        id: dialect.response_id(request_id),
-        created: chrono::Utc::now().timestamp(),
-        request_id,
-    };
 
     // Requests per minute count every request, cached or not. The limit, cache and
-    // reservation futures (0.8 – 1.3 kB each, for their Redis paths) are boxed: held inline they
-    // would size this future, which a stream keeps until its first chunk, by the largest of
-    // them; boxed, each takes its memory only while it runs.
+    // reservation futures (0.8 – 1.3 kB each, for their Redis paths) are boxed: held inline
+    // they would size this future by the largest of them, and with it the chat future a
+    // stream keeps until its first chunk; boxed, each takes its memory only while it runs.
     let rate_headers = Box::pin(state.limits.check_rate(&tenant.id, &limits))
         .await
-        .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
+        .map_err(|refusal| admission::refused(state, &tenant.id, refusal))?;
 
-    let cache_key = cache_ttl.map(|_| ResponseCache::key(&tenant.id, &primary, &call.request));
+    let cache_key = cache_ttl.map(|_| ResponseCache::key(&tenant.id, &primary, request));
     if let Some(key) = &cache_key
         && let Some(hit) = Box::pin(state.cache.get(key)).await
     {
         state.metrics.record_cache_hit(&tenant.id);
-        return Ok(cached_answer(
-            &meter,
+        return Ok(Admitted::Cached(cached_answer(
+            meter,
             hit,
-            call.stream,
-            &dialect,
-            &reply,
+            stream,
+            dialect,
+            reply,
             &rate_headers,
-        ));
+        )));
     }
 
     // Tokens per day and budgets are for requests that will reach a provider.
     let worst_case = admission::worst_case_cost(
-        &state,
+        state,
         std::iter::once(&primary).chain(fallback.iter().map(|(_, config)| config)),
-        &call.request,
+        request,
     );
     let admitted = Box::pin(
         state
@@ -152,92 +274,42 @@ pub async fn serve<D: Dialect>(
             .reserve(&tenant.id, &limits, worst_case, rate_headers),
     )
     .await
-    .map_err(|refusal| admission::refused(&state, &tenant.id, refusal))?;
-    meter.settlement = admitted.settlement;
-    let cache_fill = cache_key.zip(cache_ttl).map(|(key, ttl)| CacheFill {
-        cache: state.cache.clone(),
-        key,
-        ttl,
+    .map_err(|refusal| admission::refused(state, &tenant.id, refusal))?;
+    let cache_fill = cache_key.zip(cache_ttl).map(|(key, ttl)| {
+        Box::new(CacheFill {
+            cache: state.cache.clone(),
+            key,
+            ttl,
+        })
     });
+    meter.settlement = admitted.settlement;
+    Ok(Admitted::Call(Admission {
+        input_estimate: estimate_input_tokens(request),
+        provider: primary.provider,
+        model: primary.model.clone(),
+        chain: build_chain(primary, fallback),
+        admitted: admitted.headers,
+        cache_fill,
+    }))
+}
 
-    let input_estimate = estimate_input_tokens(&call.request);
-    let pending = meter.pending(primary.provider, &primary.model, input_estimate);
-    let chain = build_chain(primary, fallback);
-    let mut upstream = Duration::ZERO;
+/// What admission decided.
+enum Admitted {
+    /// Go on to the providers.
+    Call(Admission),
+    /// Answered from the cache.
+    Cached(Response),
+}
 
-    if call.stream {
-        let result = timed(&mut upstream, chain.stream_served(&call.request)).await;
-        pending.done();
-        let served = result.map_err(|e| exhausted(e, &meter))?;
-        let encoder = dialect.stream_encoder(
-            reply.id,
-            reply.created,
-            served.model.clone(),
-            input_estimate,
-        );
-        let body = sse_body(
-            served.value,
-            encoder,
-            StreamContext {
-                meter,
-                provider: served.provider,
-                model: served.model.clone(),
-                fallback_from: served.failed.first().map(|f| f.provider),
-                ttft: arrival.0.elapsed(),
-                input_estimate,
-                cache_hit: false,
-                cache_fill,
-            },
-        );
-        let mut response = sse_response(body);
-        set_headers(
-            &mut response,
-            served.provider,
-            &served.model,
-            None,
-            request_id,
-            arrival.overhead(upstream),
-            CacheStatus::Miss,
-            &admitted.headers,
-        );
-        return Ok(response);
-    }
-
-    let result = timed(&mut upstream, chain.complete_served(&call.request)).await;
-    pending.done();
-    let served = result.map_err(|e| exhausted(e, &meter))?;
-    let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
-    outcome.fallback_from = served.failed.first().map(|f| f.provider);
-    let cost = format_usd(meter.record(&outcome));
-    let shown_model = if served.value.model.is_empty() {
-        served.model.as_str()
-    } else {
-        served.value.model.as_str()
-    };
-    let body = dialect.answer_body(&served.value, &reply.id, reply.created, shown_model, &cost);
-    if let Some(fill) = cache_fill {
-        fill.cache.put_later(
-            fill.key,
-            CachedAnswer {
-                provider: served.provider,
-                model: served.model.clone(),
-                response: served.value.clone(),
-            },
-            fill.ttl,
-        );
-    }
-    let mut response = json_response(body);
-    set_headers(
-        &mut response,
-        served.provider,
-        &served.model,
-        Some(&cost),
-        request_id,
-        arrival.overhead(upstream),
-        CacheStatus::Miss,
-        &admitted.headers,
-    );
-    Ok(response)
+/// What admission leaves for the call: the provider chain, the admission's headers, where to
+/// cache the answer, and the primary provider for the records.
+struct Admission {
+    chain: FallbackChain,
+    admitted: Vec<(&'static str, String)>,
+    cache_fill: Option<Box<CacheFill>>,
+    input_estimate: u64,
+    provider: ProviderKind,
+    model: String,
 }
 
 /// Where a fresh answer is cached.
@@ -344,7 +416,7 @@ struct StreamContext {
     /// Replaying a cached answer: recorded as a hit that cost nothing.
     cache_hit: bool,
     /// Where to cache the answer once the stream completed.
-    cache_fill: Option<CacheFill>,
+    cache_fill: Option<Box<CacheFill>>,
 }
 
 impl StreamContext {

@@ -261,8 +261,10 @@ impl Meter {
 /// hung up and the handler was cancelled while the provider was working — the request is
 /// recorded as `cancelled`, with its prompt tokens estimated: the provider saw it.
 #[derive(Debug)]
-pub struct Pending {
-    meter: Option<Meter>,
+pub struct Pending<'m> {
+    /// The request's meter (borrowed: the handler holds it across the call anyway), until
+    /// the call returns.
+    meter: Option<&'m Meter>,
     provider: ProviderKind,
     model: String,
     input_estimate: u64,
@@ -271,9 +273,9 @@ pub struct Pending {
 impl Meter {
     /// Arms a [`Pending`] for a call to `provider`/`model` with about `input_estimate` prompt
     /// tokens.
-    pub fn pending(&self, provider: ProviderKind, model: &str, input_estimate: u64) -> Pending {
+    pub fn pending(&self, provider: ProviderKind, model: &str, input_estimate: u64) -> Pending<'_> {
         Pending {
-            meter: Some(self.clone()),
+            meter: Some(self),
             provider,
             model: model.to_owned(),
             input_estimate,
@@ -281,14 +283,14 @@ impl Meter {
     }
 }
 
-impl Pending {
+impl Pending<'_> {
     /// The call returned (the handler records its outcome itself).
     pub fn done(mut self) {
         self.meter = None;
     }
 }
 
-impl Drop for Pending {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(meter) = self.meter.take() {
             let usage = Usage {

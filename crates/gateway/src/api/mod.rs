@@ -84,9 +84,11 @@ pub fn router(state: AppState) -> Router {
         .merge(ops::routes())
         .merge(tenants::routes())
         .merge(usage::routes())
-        .merge(openai::routes().merge(anthropic::routes()).route_layer(
-            axum::middleware::from_fn_with_state(state.clone(), openai::observe),
-        ))
+        .merge(
+            openai::routes()
+                .merge(anthropic::routes())
+                .route_layer(openai::ObserveLayer(state.clone())),
+        )
         .merge(test_llm::routes())
         .merge(crate::dashboard::routes(state.clone()))
         .fallback(not_found)

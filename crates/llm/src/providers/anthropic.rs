@@ -46,33 +46,43 @@ impl AnthropicProvider {
         Ok(Self { config, base_url })
     }
 
-    async fn post_messages(
+    /// Sends a messages request. The request is written at once and the future returned
+    /// holds only the sending (an `async fn` would keep its arguments and what it built from
+    /// them while the upstream works).
+    fn post_messages(
         &self,
         request: &CompletionRequest,
         stream: bool,
-    ) -> Result<http::Answer> {
-        let key = self
-            .config
-            .api_key
-            .as_ref()
-            .map(|k| k.expose_secret())
-            .filter(|k| !k.trim().is_empty())
-            .ok_or_else(|| LlmError::Configuration {
-                provider: PROVIDER,
-                message: "no API key configured: set ANTHROPIC_API_KEY".into(),
-            })?;
-        let body = messages_body(&self.config, request, stream)?;
-        tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
-        let url = [self.base_url.as_str(), "/v1/messages"].concat();
-        let mut builder = http::Outgoing::new(http::Method::POST, url)
-            .header(HeaderName::from_static("x-api-key"), key)
-            .header(HeaderName::from_static("anthropic-version"), API_VERSION)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if stream {
-            builder = builder.header(http::header::ACCEPT, "text/event-stream");
+    ) -> impl Future<Output = Result<http::Answer>> + Send + use<> {
+        use futures::future::{Either, ready};
+        let built = (|| {
+            let key = self
+                .config
+                .api_key
+                .as_ref()
+                .map(|k| k.expose_secret())
+                .filter(|k| !k.trim().is_empty())
+                .ok_or_else(|| LlmError::Configuration {
+                    provider: PROVIDER,
+                    message: "no API key configured: set ANTHROPIC_API_KEY".into(),
+                })?;
+            let body = messages_body(&self.config, request, stream)?;
+            tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
+            let url = [self.base_url.as_str(), "/v1/messages"].concat();
+            let mut builder = http::Outgoing::new(http::Method::POST, url)
+                .header(HeaderName::from_static("x-api-key"), key)
+                .header(HeaderName::from_static("anthropic-version"), API_VERSION)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body);
+            if stream {
+                builder = builder.header(http::header::ACCEPT, "text/event-stream");
+            }
+            Ok(builder)
+        })();
+        match built {
+            Ok(builder) => Either::Left(http::send(PROVIDER, builder, parse_error)),
+            Err(error) => Either::Right(ready(Err(error))),
         }
-        http::send(PROVIDER, builder, parse_error).await
     }
 }
 

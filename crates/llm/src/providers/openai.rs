@@ -63,17 +63,31 @@ impl OpenAiProvider {
         Ok(builder)
     }
 
-    async fn post_chat(&self, request: &CompletionRequest, stream: bool) -> Result<http::Answer> {
-        let body = chat_body(&self.config, request, stream)?;
-        tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "chat completion request");
-        let mut builder = self
-            .request(http::Method::POST, "/v1/chat/completions")?
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if stream {
-            builder = builder.header(http::header::ACCEPT, "text/event-stream");
+    /// Sends a chat request. The request is written at once and the future returned holds
+    /// only the sending (an `async fn` would keep its arguments and what it built from them
+    /// while the upstream works).
+    fn post_chat(
+        &self,
+        request: &CompletionRequest,
+        stream: bool,
+    ) -> impl Future<Output = Result<http::Answer>> + Send + use<> {
+        use futures::future::{Either, ready};
+        let built = (|| {
+            let body = chat_body(&self.config, request, stream)?;
+            tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "chat completion request");
+            let mut builder = self
+                .request(http::Method::POST, "/v1/chat/completions")?
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body);
+            if stream {
+                builder = builder.header(http::header::ACCEPT, "text/event-stream");
+            }
+            Ok(builder)
+        })();
+        match built {
+            Ok(builder) => Either::Left(http::send(PROVIDER, builder, parse_error)),
+            Err(error) => Either::Right(ready(Err(error))),
         }
-        http::send(PROVIDER, builder, parse_error).await
     }
 }
 
