@@ -50,11 +50,15 @@ pub(crate) struct Slot {
     last_used: AtomicU64,
     /// How long a connection may go without a request.
     idle_timeout: Duration,
+    /// The longest a connection attempt may take.
+    connect_timeout: Duration,
+    /// The last failed connection attempt: when it ended, and why.
+    failure: Mutex<Option<(Instant, String)>>,
 }
 
 impl Default for Slot {
     fn default() -> Self {
-        Self::with_idle_timeout(IDLE_TIMEOUT)
+        Self::with_timeouts(IDLE_TIMEOUT, CONNECT_TIMEOUT)
     }
 }
 
@@ -74,12 +78,14 @@ fn now_ms() -> u64 {
 }
 
 impl Slot {
-    fn with_idle_timeout(idle_timeout: Duration) -> Self {
+    fn with_timeouts(idle_timeout: Duration, connect_timeout: Duration) -> Self {
         Self {
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             last_used: AtomicU64::new(now_ms()),
             idle_timeout,
+            connect_timeout,
+            failure: Mutex::new(None),
         }
     }
 
@@ -100,27 +106,57 @@ impl Slot {
         Duration::from_millis(now_ms().saturating_sub(self.last_used.load(Ordering::Relaxed)))
     }
 
-    /// The current connection, opened first when there is none.
+    /// The current connection, opened first when there is none. Requests that waited for
+    /// an attempt that failed share its failure instead of each trying (and, against an
+    /// upstream that does not answer, each waiting out the connect timeout) in turn.
     async fn conn(self: &Arc<Self>, uri: &Uri) -> Result<Conn, SendError> {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
+        let asked = Instant::now();
         let _opening = self.connecting.lock().await;
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
+        if let Ok(failure) = self.failure.lock()
+            && let Some((at, message)) = failure.as_ref()
+            && *at >= asked
+        {
+            return Err(SendError::connect(message.clone()));
+        }
         // Boxed: connecting (the TCP connect and the HTTP/2 handshake) is rare, and inline it
         // would size the future of every request.
-        let conn = Box::pin(connect(uri, Arc::downgrade(self), self.idle_timeout / 6)).await?;
-        if let Ok(mut current) = self.current.lock() {
-            *current = Some(conn.clone());
+        let opened = Box::pin(connect(
+            uri,
+            Arc::downgrade(self),
+            self.idle_timeout / 6,
+            self.connect_timeout,
+        ))
+        .await;
+        match opened {
+            Ok(conn) => {
+                if let Ok(mut current) = self.current.lock() {
+                    *current = Some(conn.clone());
+                }
+                Ok(conn)
+            }
+            Err(error) => {
+                if let Ok(mut failure) = self.failure.lock() {
+                    *failure = Some((Instant::now(), error.to_string()));
+                }
+                Err(error)
+            }
         }
-        Ok(conn)
     }
 }
 
 /// Opens a connection to `uri`'s authority and starts driving it.
-async fn connect(uri: &Uri, slot: Weak<Slot>, idle_check: Duration) -> Result<Conn, SendError> {
+async fn connect(
+    uri: &Uri,
+    slot: Weak<Slot>,
+    idle_check: Duration,
+    timeout: Duration,
+) -> Result<Conn, SendError> {
     let host = uri.host().unwrap_or_default();
     // `[::1]` in a URL is `::1` to the resolver.
     let host = host
@@ -130,16 +166,12 @@ async fn connect(uri: &Uri, slot: Weak<Slot>, idle_check: Duration) -> Result<Co
     let port = uri.port_u16().unwrap_or(80);
     let failed =
         |message: String| SendError::connect(format!("error connecting to {uri}: {message}"));
-    let tcp = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((host, port)),
-    )
-    .await
-    {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(error)) => return Err(failed(error.to_string())),
-        Err(_) => return Err(failed(format!("no connection within {CONNECT_TIMEOUT:?}"))),
-    };
+    let tcp =
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(error)) => return Err(failed(error.to_string())),
+            Err(_) => return Err(failed(format!("no connection within {timeout:?}"))),
+        };
     // Requests are small writes answered at once; Nagle's algorithm would hold them back.
     let _ = tcp.set_nodelay(true);
     let handshake = h2::client::Builder::new()
@@ -147,13 +179,11 @@ async fn connect(uri: &Uri, slot: Weak<Slot>, idle_check: Duration) -> Result<Co
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .handshake::<_, Bytes>(tcp);
-    let (sender, connection) = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+    let (sender, connection) = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(error)) => return Err(failed(format!("HTTP/2 handshake: {error}"))),
         Err(_) => {
-            return Err(failed(format!(
-                "no HTTP/2 handshake within {CONNECT_TIMEOUT:?}"
-            )));
+            return Err(failed(format!("no HTTP/2 handshake within {timeout:?}")));
         }
     };
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -586,7 +616,10 @@ mod tests {
     #[tokio::test]
     async fn a_connection_idle_too_long_is_closed_and_the_next_request_opens_another() {
         let fake = FakeServer::start().await.expect("fake");
-        let slot = Arc::new(Slot::with_idle_timeout(Duration::from_millis(300)));
+        let slot = Arc::new(Slot::with_timeouts(
+            Duration::from_millis(300),
+            CONNECT_TIMEOUT,
+        ));
         post(&slot, fake.addr()).await.expect("an answer");
         post(&slot, fake.addr()).await.expect("an answer");
         assert!(slot.current().is_some());
@@ -599,5 +632,24 @@ mod tests {
         assert_eq!(arrivals.len(), 3);
         assert_eq!(arrivals[0].peer, arrivals[1].peer, "{arrivals:?}");
         assert_ne!(arrivals[1].peer, arrivals[2].peer, "{arrivals:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_attempt_fails_its_waiters_and_not_later_requests() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let addr = listener.local_addr().expect("its address");
+        drop(listener);
+        let slot = Arc::new(Slot::default());
+        let failures = futures::future::join_all((0..5).map(|_| post(&slot, addr))).await;
+        for failure in failures {
+            let error = failure.expect_err("nothing listens");
+            assert!(error.is_connect(), "{error}");
+            assert!(error.to_string().contains(&addr.to_string()), "{error}");
+        }
+        // The upstream comes up: the next request connects instead of being given the old
+        // failure.
+        let fake = FakeServer::bind(addr).await.expect("the port again");
+        let (status, _) = post(&slot, fake.addr()).await.expect("connected now");
+        assert_eq!(status, 200);
     }
 }
