@@ -59,6 +59,20 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
+    /// The API key, or `provider`'s configuration error naming `variable` (where it is
+    /// usually set) when there is none or it is blank.
+    pub(crate) fn required_api_key(&self, provider: ProviderKind, variable: &str) -> Result<&str> {
+        use secrecy::ExposeSecret;
+        self.api_key
+            .as_ref()
+            .map(|k| k.expose_secret())
+            .filter(|k| !k.trim().is_empty())
+            .ok_or_else(|| LlmError::Configuration {
+                provider,
+                message: format!("no API key configured: set {variable}"),
+            })
+    }
+
     /// A configuration with the provider's documented defaults (SPEC §3) for everything but
     /// the provider and model.
     pub fn new(provider: ProviderKind, model: impl Into<String>) -> Self {
@@ -390,6 +404,32 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         LlmEnv::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_blank_key_fails_the_request_naming_its_variable() {
+        use crate::CompletionRequest;
+        for (provider, variable) in [
+            (ProviderKind::OpenAi, "OPENAI_API_KEY"),
+            (ProviderKind::Anthropic, "ANTHROPIC_API_KEY"),
+        ] {
+            for key in [None, Some("  ")] {
+                let mut config = ProviderConfig::new(provider, "some-model");
+                config.api_key = key.map(|k| SecretString::from(k.to_owned()));
+                // Nothing listens there: the request must fail before it is sent.
+                config.base_url = Some("http://127.0.0.1:9".into());
+                let built = create_provider(config).expect("a provider");
+                let error = built
+                    .complete(&CompletionRequest::default())
+                    .await
+                    .expect_err("no key");
+                assert!(
+                    matches!(&error, LlmError::Configuration { provider: p, message }
+                        if *p == provider && message.contains(variable)),
+                    "{error:?}"
+                );
+            }
+        }
     }
 
     #[test]

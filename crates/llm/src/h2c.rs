@@ -50,15 +50,13 @@ pub(crate) struct Slot {
     last_used: AtomicU64,
     /// How long a connection may go without a request.
     idle_timeout: Duration,
-    /// The longest a connection attempt may take.
-    connect_timeout: Duration,
     /// The last failed connection attempt: when it ended, and why.
     failure: Mutex<Option<(Instant, String)>>,
 }
 
 impl Default for Slot {
     fn default() -> Self {
-        Self::with_timeouts(IDLE_TIMEOUT, CONNECT_TIMEOUT)
+        Self::with_idle_timeout(IDLE_TIMEOUT)
     }
 }
 
@@ -78,13 +76,12 @@ fn now_ms() -> u64 {
 }
 
 impl Slot {
-    fn with_timeouts(idle_timeout: Duration, connect_timeout: Duration) -> Self {
+    fn with_idle_timeout(idle_timeout: Duration) -> Self {
         Self {
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             last_used: AtomicU64::new(now_ms()),
             idle_timeout,
-            connect_timeout,
             failure: Mutex::new(None),
         }
     }
@@ -126,13 +123,7 @@ impl Slot {
         }
         // Boxed: connecting (the TCP connect and the HTTP/2 handshake) is rare, and inline it
         // would size the future of every request.
-        let opened = Box::pin(connect(
-            uri,
-            Arc::downgrade(self),
-            self.idle_timeout / 6,
-            self.connect_timeout,
-        ))
-        .await;
+        let opened = Box::pin(connect(uri, Arc::downgrade(self), self.idle_timeout / 6)).await;
         match opened {
             Ok(conn) => {
                 if let Ok(mut current) = self.current.lock() {
@@ -151,12 +142,8 @@ impl Slot {
 }
 
 /// Opens a connection to `uri`'s authority and starts driving it.
-async fn connect(
-    uri: &Uri,
-    slot: Weak<Slot>,
-    idle_check: Duration,
-    timeout: Duration,
-) -> Result<Conn, SendError> {
+async fn connect(uri: &Uri, slot: Weak<Slot>, idle_check: Duration) -> Result<Conn, SendError> {
+    let timeout = CONNECT_TIMEOUT;
     let host = uri.host().unwrap_or_default();
     // `[::1]` in a URL is `::1` to the resolver.
     let host = host
@@ -616,10 +603,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_idle_too_long_is_closed_and_the_next_request_opens_another() {
         let fake = FakeServer::start().await.expect("fake");
-        let slot = Arc::new(Slot::with_timeouts(
-            Duration::from_millis(300),
-            CONNECT_TIMEOUT,
-        ));
+        let slot = Arc::new(Slot::with_idle_timeout(Duration::from_millis(300)));
         post(&slot, fake.addr()).await.expect("an answer");
         post(&slot, fake.addr()).await.expect("an answer");
         assert!(slot.current().is_some());

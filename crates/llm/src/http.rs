@@ -639,6 +639,19 @@ pub(crate) fn send(
         .and_then(move |answer| answer.checked(provider, parse_error))
 }
 
+/// [`send`] for a request that may have failed to be built: the failure is the answer.
+pub(crate) fn send_built(
+    provider: ProviderKind,
+    request: Result<Outgoing>,
+    parse_error: ErrorParser,
+) -> impl Future<Output = Result<Answer>> + Send + 'static {
+    use futures::future::{Either, ready};
+    match request {
+        Ok(request) => Either::Left(send(provider, request, parse_error)),
+        Err(error) => Either::Right(ready(Err(error))),
+    }
+}
+
 impl Answer {
     /// The answer itself when it is a success; otherwise its body read and classified by
     /// `parse_error`. Redirects are not followed (a request carries the provider's key, and

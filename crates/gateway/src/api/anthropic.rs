@@ -40,6 +40,9 @@ fn messages(
     headers: HeaderMap,
     body: Result<RawBody, ApiError>,
 ) -> impl Future<Output = Response> + Send {
+    // The body and headers are slices of the connection's read buffer, released before the
+    // upstream is awaited (as for chat completions): the body when the closure ends, the
+    // headers below.
     let prepared = (|| {
         let tenant = require_tenant(caller?)?;
         let RawBody(body) = body?;
@@ -52,8 +55,6 @@ fn messages(
             request: parsed.request,
             stream: parsed.stream,
         })
-        // The body and headers (slices of the connection's read buffer) are released before
-        // the upstream is awaited, as for chat completions.
     })();
     drop(headers);
     // The handler's future is the chat future itself, as for chat completions.

@@ -186,11 +186,7 @@ pub fn serve<D: Dialect>(
         let mut outcome = Outcome::ok(served.provider, &served.model, served.value.usage);
         outcome.fallback_from = served.failed.first().map(|f| f.provider);
         let cost = format_usd(meter.record(&outcome));
-        let shown_model = if served.value.model.is_empty() {
-            served.model.as_str()
-        } else {
-            served.value.model.as_str()
-        };
+        let shown_model = shown_model(&served.value, &served.model);
         let body = dialect.answer_body(&served.value, &reply.id, reply.created, shown_model, &cost);
         if let Some(fill) = cache_fill {
             fill.cache.put_later(
@@ -376,11 +372,7 @@ fn cached_answer<D: Dialect>(
     let mut outcome = Outcome::ok(hit.provider, &hit.model, hit.response.usage);
     outcome.cache_hit = true;
     let cost = format_usd(meter.record(&outcome));
-    let shown_model = if hit.response.model.is_empty() {
-        hit.model.as_str()
-    } else {
-        hit.response.model.as_str()
-    };
+    let shown_model = shown_model(&hit.response, &hit.model);
     let body = dialect.answer_body(&hit.response, &reply.id, reply.created, shown_model, &cost);
     let mut response = json_response(body);
     set_headers(
@@ -394,6 +386,15 @@ fn cached_answer<D: Dialect>(
         rate_headers,
     );
     response
+}
+
+/// The model an answer names: the one the upstream reported, else the one asked for.
+fn shown_model<'a>(response: &'a CompletionResponse, asked: &'a str) -> &'a str {
+    if response.model.is_empty() {
+        asked
+    } else {
+        &response.model
+    }
 }
 
 fn sse_response(body: Body) -> Response {

@@ -4,7 +4,6 @@
 use std::borrow::Cow;
 
 use async_trait::async_trait;
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -54,18 +53,10 @@ impl AnthropicProvider {
         request: &CompletionRequest,
         stream: bool,
     ) -> impl Future<Output = Result<http::Answer>> + Send + use<> {
-        use futures::future::{Either, ready};
         let built = (|| {
             let key = self
                 .config
-                .api_key
-                .as_ref()
-                .map(|k| k.expose_secret())
-                .filter(|k| !k.trim().is_empty())
-                .ok_or_else(|| LlmError::Configuration {
-                    provider: PROVIDER,
-                    message: "no API key configured: set ANTHROPIC_API_KEY".into(),
-                })?;
+                .required_api_key(PROVIDER, "ANTHROPIC_API_KEY")?;
             let body = messages_body(&self.config, request, stream)?;
             tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
             let url = [self.base_url.as_str(), "/v1/messages"].concat();
@@ -79,10 +70,7 @@ impl AnthropicProvider {
             }
             Ok(builder)
         })();
-        match built {
-            Ok(builder) => Either::Left(http::send(PROVIDER, builder, parse_error)),
-            Err(error) => Either::Right(ready(Err(error))),
-        }
+        http::send_built(PROVIDER, built, parse_error)
     }
 }
 

@@ -2,7 +2,6 @@
 //! calls with JSON-string arguments, embeddings and the model list.
 
 use async_trait::async_trait;
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -40,16 +39,7 @@ impl OpenAiProvider {
     }
 
     fn request(&self, method: http::Method, path: &str) -> Result<http::Outgoing> {
-        let key = self
-            .config
-            .api_key
-            .as_ref()
-            .map(|k| k.expose_secret())
-            .filter(|k| !k.trim().is_empty())
-            .ok_or_else(|| LlmError::Configuration {
-                provider: PROVIDER,
-                message: "no API key configured: set OPENAI_API_KEY".into(),
-            })?;
+        let key = self.config.required_api_key(PROVIDER, "OPENAI_API_KEY")?;
         let mut builder =
             http::Outgoing::new(method, [self.base_url.as_str(), path].concat()).bearer_auth(key);
         if let Some(org) = self
@@ -71,7 +61,6 @@ impl OpenAiProvider {
         request: &CompletionRequest,
         stream: bool,
     ) -> impl Future<Output = Result<http::Answer>> + Send + use<> {
-        use futures::future::{Either, ready};
         let built = (|| {
             let body = chat_body(&self.config, request, stream)?;
             tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "chat completion request");
@@ -84,10 +73,7 @@ impl OpenAiProvider {
             }
             Ok(builder)
         })();
-        match built {
-            Ok(builder) => Either::Left(http::send(PROVIDER, builder, parse_error)),
-            Err(error) => Either::Right(ready(Err(error))),
-        }
+        http::send_built(PROVIDER, built, parse_error)
     }
 }
 
