@@ -119,3 +119,99 @@ async fn ollama_stays_on_http1() {
     let chat = arrivals.iter().find(|a| a.path == "/api/chat").unwrap();
     assert_eq!(chat.version, "HTTP/1.1");
 }
+
+/// The body frames of a streamed chat, as the client reads them.
+async fn frames(gw: &Gateway, key: &str) -> Vec<String> {
+    use futures::StreamExt;
+    let response = gw
+        .client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&hello(
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut frames = Vec::new();
+    while let Some(frame) = body.next().await {
+        frames.push(String::from_utf8(frame.unwrap().to_vec()).unwrap());
+    }
+    frames
+}
+
+/// The streamed text of `frames`, checking that every frame holds whole events.
+fn streamed_text(frames: &[String]) -> String {
+    for frame in frames {
+        assert!(frame.ends_with("\n\n"), "a frame cut an event: {frame:?}");
+    }
+    let data = events(&frames.concat());
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{frames:?}"
+    );
+    data.iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|d| {
+            d["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn chunks_that_arrived_together_leave_together_and_late_ones_are_not_waited_for() {
+    let gw = Gateway::start_with(OPTIONS).await;
+    let (_, key) = gw
+        .tenant(json!({"llm": {"provider": "openai", "model": "gpt-4o-mini"}}))
+        .await;
+    let text = "one two three four five six seven eight nine ten eleven twelve";
+
+    // An upstream that sends its 12 pieces at once (with the role, finish and usage frames,
+    // 15 events and `[DONE]`): what has arrived when the first is encoded goes out with it.
+    // The upstream's frames reach the gateway in one read or a few, so in at least one of
+    // five answers the client reads the events in a few frames.
+    let mut fewest = usize::MAX;
+    for _ in 0..5 {
+        gw.fake.push(Reply::text(text).in_chunks(12));
+        let frames = frames(&gw, &key).await;
+        assert_eq!(streamed_text(&frames), text);
+        fewest = fewest.min(frames.len());
+    }
+    // One frame at best; without joining, 13 (the role event alone, then one per chunk).
+    assert!(
+        fewest <= 4,
+        "events that arrived together were not joined: {fewest} frames"
+    );
+
+    // An upstream that sends its pieces 150 ms apart: each is forwarded when it arrives,
+    // without waiting for the next, so every piece of text comes in a frame of its own.
+    gw.fake.push(
+        Reply::text("alpha beta gamma")
+            .in_chunks(3)
+            .with_chunk_delay(Duration::from_millis(150)),
+    );
+    let frames = frames(&gw, &key).await;
+    assert_eq!(streamed_text(&frames), "alpha beta gamma");
+    // Text pieces per frame: each piece came alone.
+    let pieces: Vec<usize> = frames
+        .iter()
+        .map(|frame| {
+            events(frame)
+                .iter()
+                .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                .filter(|d| {
+                    d["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .is_some_and(|c| !c.is_empty())
+                })
+                .count()
+        })
+        .filter(|&n| n > 0)
+        .collect();
+    assert_eq!(pieces, [1, 1, 1], "pieces were held back: {frames:?}");
+}

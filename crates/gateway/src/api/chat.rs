@@ -10,7 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use meta_chat_llm::fallback::FallbackChain;
 use meta_chat_llm::{
     ChunkStream, CompletionRequest, CompletionResponse, ProviderKind, StreamAccumulator,
@@ -469,6 +469,9 @@ fn sse_body<E: StreamEncoder>(stream: ChunkStream, encoder: E, context: StreamCo
     Body::from_stream(body)
 }
 
+/// How many bytes of events already at hand are joined into one body frame, at most.
+const COALESCE_BYTES: usize = 16 * 1024;
+
 /// Turns an upstream's unified chunks into one dialect's events as the response body polls
 /// for them: each chunk is encoded and written as soon as it arrives, with no task or
 /// channel in between. The outcome is recorded once: when the upstream ends or fails, or —
@@ -488,13 +491,27 @@ struct Relay<E: StreamEncoder> {
 impl<E: StreamEncoder> Relay<E> {
     /// The next bytes to write; `None` once the stream is over. The events one chunk gives
     /// (an Anthropic text block opens with two; the end brings the usage and the closing
-    /// events) go out as one write; nothing waits for more.
+    /// events) go out as one write, and so do the chunks that have already arrived from the
+    /// upstream when the first of them is encoded (up to [`COALESCE_BYTES`]): an upstream
+    /// that sent several at once has them forwarded at once, in one body frame instead of
+    /// one frame each. Nothing waits for more: an upstream chunk that has not arrived yet
+    /// leaves what is ready to be written.
     async fn next_event(&mut self) -> Option<Bytes> {
         let first = self.next_single().await?;
+        let mut size = first.len() + self.pending.iter().map(Bytes::len).sum::<usize>();
+        while !self.recorded && size < COALESCE_BYTES {
+            let Some(item) = self.stream.next().now_or_never() else {
+                break;
+            };
+            let before = self.pending.len();
+            self.take(item);
+            size += self.pending.range(before..).map(Bytes::len).sum::<usize>();
+        }
         if self.pending.is_empty() {
             return Some(first);
         }
-        let mut batch = bytes::BytesMut::from(&first[..]);
+        let mut batch = bytes::BytesMut::with_capacity(size);
+        batch.extend_from_slice(&first);
         while let Some(event) = self.pending.pop_front() {
             batch.extend_from_slice(&event);
         }
