@@ -720,11 +720,33 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 }
 
 /// Parses a JSON body, describing what was wrong if it cannot be parsed.
+///
+/// The body is checked to be UTF-8 once and read as text: serde_json reading bytes checks
+/// each string it meets on its own, which for the short strings of a chunk or an answer
+/// costs more than one pass over the whole body. A body that is not UTF-8 is read as bytes,
+/// for serde_json's own error.
 pub(crate) fn parse_json<T: DeserializeOwned>(provider: ProviderKind, body: &[u8]) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| {
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    };
+    parsed.map_err(|e| {
         LlmError::malformed(
             provider,
             format!("{e} in {}", String::from_utf8_lossy(truncate(body, 200))),
+        )
+    })
+}
+
+/// [`parse_json`] of text (an SSE event's data, an NDJSON line).
+pub(crate) fn parse_json_str<T: DeserializeOwned>(provider: ProviderKind, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        LlmError::malformed(
+            provider,
+            format!(
+                "{e} in {}",
+                String::from_utf8_lossy(truncate(text.as_bytes(), 200))
+            ),
         )
     })
 }
@@ -977,6 +999,25 @@ mod tests {
         assert!(
             error.starts_with("malformed_response: ") && error.contains("UTF-8"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn answers_parse_as_text_and_bytes_that_are_not_utf8_are_malformed() {
+        let value: serde_json::Value =
+            parse_json(ProviderKind::OpenAi, "{\"a\": \"caf\u{e9}\"}".as_bytes()).unwrap();
+        assert_eq!(value["a"], "caf\u{e9}");
+        let error = parse_json::<serde_json::Value>(ProviderKind::OpenAi, b"{\"a\": \"caf\xe9\"}")
+            .unwrap_err();
+        assert!(
+            matches!(error, LlmError::MalformedResponse { .. }),
+            "{error:?}"
+        );
+        let error =
+            parse_json_str::<serde_json::Value>(ProviderKind::OpenAi, "{\"a\": ").unwrap_err();
+        assert!(
+            matches!(error, LlmError::MalformedResponse { .. }),
+            "{error:?}"
         );
     }
 }

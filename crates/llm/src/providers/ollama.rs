@@ -595,7 +595,7 @@ struct Decoder {
 
 impl Decoder {
     fn decode_line(&mut self, line: &str) -> Result<()> {
-        let wire: WireChatResponse = http::parse_json(PROVIDER, line.as_bytes())?;
+        let wire: WireChatResponse = http::parse_json_str(PROVIDER, line)?;
         if let Some(message) = wire.error {
             return Err(stream_error(message));
         }

@@ -70,7 +70,9 @@ struct StreamOptions {
 
 /// The request, when it has the common shape; `None` sends it to the tree parser.
 pub(super) fn parse(body: &[u8]) -> Option<ChatCompletionsRequest> {
-    let wire: Request<'_> = serde_json::from_slice(body).ok()?;
+    // Read as text (one UTF-8 check for the body, not one per string); a body that is not
+    // UTF-8 goes to the tree parser, which reports it.
+    let wire: Request<'_> = serde_json::from_str(std::str::from_utf8(body).ok()?).ok()?;
     if wire.messages.is_empty() {
         return None;
     }

@@ -253,7 +253,7 @@ fn parse_event(event: &http::SseEvent) -> Result<Event> {
     if let Ok(parsed) = serde_json::from_str::<Event>(&event.data) {
         return Ok(parsed);
     }
-    let mut value: Value = http::parse_json(PROVIDER, event.data.as_bytes())?;
+    let mut value: Value = http::parse_json_str(PROVIDER, &event.data)?;
     if let Value::Object(object) = &mut value
         && !object.contains_key("type")
         && !event.event.is_empty()

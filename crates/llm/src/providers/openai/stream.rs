@@ -50,7 +50,7 @@ struct DeltaFunction {
 
 /// The chunks one `data:` frame carries, in the order the frame gives them.
 pub(super) fn decode_frame(data: &str, saw_tool_calls: &mut bool) -> Result<Vec<StreamChunk>> {
-    let frame: StreamFrame = http::parse_json(PROVIDER, data.as_bytes())?;
+    let frame: StreamFrame = http::parse_json_str(PROVIDER, data)?;
     if let Some(error) = frame.error {
         let (message, code) = match error {
             Value::String(message) => (message, None),
