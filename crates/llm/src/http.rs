@@ -418,6 +418,21 @@ impl Outgoing {
         self.body = body.into();
         self
     }
+
+    /// A JSON request body, with its content type.
+    pub(crate) fn json(self, body: impl Into<Bytes>) -> Self {
+        self.header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+    }
+
+    /// For a streamed answer (`stream`), asks for server-sent events.
+    pub(crate) fn events_if(self, stream: bool) -> Self {
+        if stream {
+            self.header(header::ACCEPT, "text/event-stream")
+        } else {
+            self
+        }
+    }
 }
 
 /// Why a request got no answer.
@@ -719,18 +734,22 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     parse_json(provider, &body)
 }
 
-/// Parses a JSON body, describing what was wrong if it cannot be parsed.
-///
-/// The body is checked to be UTF-8 once and read as text: serde_json reading bytes checks
-/// each string it meets on its own, which for the short strings of a chunk or an answer
-/// costs more than one pass over the whole body. A body that is not UTF-8 is read as bytes,
-/// for serde_json's own error.
-pub(crate) fn parse_json<T: DeserializeOwned>(provider: ProviderKind, body: &[u8]) -> Result<T> {
-    let parsed = match std::str::from_utf8(body) {
+/// JSON bytes parsed into `T`. They are checked to be UTF-8 once and read as text:
+/// serde_json reading bytes checks each string it meets on its own, which for the short
+/// strings of a request, an answer or a chunk costs more than one pass over all of them.
+/// Bytes that are not UTF-8 are read as bytes, for serde_json's own error (with its line and
+/// column).
+pub fn json_from_bytes<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(bytes) {
         Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(body),
-    };
-    parsed.map_err(|e| {
+        Err(_) => serde_json::from_slice(bytes),
+    }
+}
+
+/// Parses a JSON body (by [`json_from_bytes`]), describing what was wrong if it cannot be
+/// parsed.
+pub(crate) fn parse_json<T: DeserializeOwned>(provider: ProviderKind, body: &[u8]) -> Result<T> {
+    json_from_bytes(body).map_err(|e| {
         LlmError::malformed(
             provider,
             format!("{e} in {}", String::from_utf8_lossy(truncate(body, 200))),

@@ -51,7 +51,7 @@ pub mod types;
 pub use error::{LlmError, Result};
 pub use factory::{EnvError, LlmEnv, ProviderConfig, SamplingDefaults, create_provider};
 pub use fallback::{FailedAttempt, FallbackChain, FallbackEntry, FallbackExhausted, Served};
-pub use http::{Http2Mode, HttpOptions, configure_http, install_crypto_provider};
+pub use http::{Http2Mode, HttpOptions, configure_http, install_crypto_provider, json_from_bytes};
 pub use pricing::{Cost, ModelPrice, PriceTable};
 pub use provider::{ChunkStream, LlmProvider};
 pub use redact::Redacted;

@@ -49,11 +49,7 @@ pub(super) fn invalid_value(param: &str, message: impl Into<String>) -> ApiError
 
 /// The request body as a JSON object.
 pub(super) fn parse_body(body: &[u8]) -> Parsed<Map<String, Value>> {
-    let parsed = match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(body),
-    };
-    let value: Value = parsed.map_err(|e| {
+    let value: Value = meta_chat_llm::json_from_bytes(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",

@@ -60,15 +60,11 @@ impl AnthropicProvider {
             let body = messages_body(&self.config, request, stream)?;
             tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "messages request");
             let url = [self.base_url.as_str(), "/v1/messages"].concat();
-            let mut builder = http::Outgoing::new(http::Method::POST, url)
+            Ok(http::Outgoing::new(http::Method::POST, url)
                 .header(HeaderName::from_static("x-api-key"), key)
                 .header(HeaderName::from_static("anthropic-version"), API_VERSION)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body);
-            if stream {
-                builder = builder.header(http::header::ACCEPT, "text/event-stream");
-            }
-            Ok(builder)
+                .json(body)
+                .events_if(stream))
         })();
         http::send_built(PROVIDER, built, parse_error)
     }

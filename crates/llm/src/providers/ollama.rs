@@ -80,12 +80,8 @@ impl OllamaProvider {
     async fn post_chat(&self, request: &CompletionRequest, stream: bool) -> Result<http::Answer> {
         let body = chat_body(request, &self.config, stream)?;
         tracing::debug!(model = %self.model_for(request), stream, "ollama chat request");
-        self.send(
-            self.request(http::Method::POST, "/api/chat")
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body),
-        )
-        .await
+        self.send(self.request(http::Method::POST, "/api/chat").json(body))
+            .await
     }
 
     fn model_for<'a>(&'a self, request: &'a CompletionRequest) -> &'a str {
@@ -167,11 +163,7 @@ impl LlmProvider for OllamaProvider {
         })
         .map_err(|e| invalid(format!("could not serialise the request: {e}")))?;
         let response = self
-            .send(
-                self.request(http::Method::POST, "/api/embed")
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(body),
-            )
+            .send(self.request(http::Method::POST, "/api/embed").json(body))
             .await?;
         let wire: WireEmbedResponse = http::read_json(PROVIDER, response).await?;
         if wire.embeddings.len() != request.input.len() {

@@ -64,14 +64,10 @@ impl OpenAiProvider {
         let built = (|| {
             let body = chat_body(&self.config, request, stream)?;
             tracing::debug!(provider = %PROVIDER, stream, bytes = body.len(), "chat completion request");
-            let mut builder = self
+            Ok(self
                 .request(http::Method::POST, "/v1/chat/completions")?
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body);
-            if stream {
-                builder = builder.header(http::header::ACCEPT, "text/event-stream");
-            }
-            Ok(builder)
+                .json(body)
+                .events_if(stream))
         })();
         http::send_built(PROVIDER, built, parse_error)
     }
@@ -114,8 +110,7 @@ impl LlmProvider for OpenAiProvider {
         let body = embed_body(model, request)?;
         let builder = self
             .request(http::Method::POST, "/v1/embeddings")?
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body);
+            .json(body);
         let response = http::send(PROVIDER, builder, parse_error).await?;
         let body: EmbedResponse = http::read_json(PROVIDER, response).await?;
         from_embed_response(body, model, request.input.len())

@@ -70,9 +70,8 @@ struct StreamOptions {
 
 /// The request, when it has the common shape; `None` sends it to the tree parser.
 pub(super) fn parse(body: &[u8]) -> Option<ChatCompletionsRequest> {
-    // Read as text (one UTF-8 check for the body, not one per string); a body that is not
-    // UTF-8 goes to the tree parser, which reports it.
-    let wire: Request<'_> = serde_json::from_str(std::str::from_utf8(body).ok()?).ok()?;
+    // A body that does not parse (not UTF-8 included) goes to the tree parser, which reports it.
+    let wire: Request<'_> = meta_chat_llm::json_from_bytes(body).ok()?;
     if wire.messages.is_empty() {
         return None;
     }
