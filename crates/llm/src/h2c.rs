@@ -144,23 +144,12 @@ impl Slot {
 /// Opens a connection to `uri`'s authority and starts driving it.
 async fn connect(uri: &Uri, slot: Weak<Slot>, idle_check: Duration) -> Result<Conn, SendError> {
     let timeout = CONNECT_TIMEOUT;
-    let host = uri.host().unwrap_or_default();
-    // `[::1]` in a URL is `::1` to the resolver.
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let port = uri.port_u16().unwrap_or(80);
-    let failed =
-        |message: String| SendError::connect(format!("error connecting to {uri}: {message}"));
-    let tcp =
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(error)) => return Err(failed(error.to_string())),
-            Err(_) => return Err(failed(format!("no connection within {timeout:?}"))),
-        };
-    // Requests are small writes answered at once; Nagle's algorithm would hold them back.
-    let _ = tcp.set_nodelay(true);
+    let failed = |message: String| {
+        SendError::connect(format!(
+            "error sending request to {uri}: could not connect: {message}"
+        ))
+    };
+    let tcp = crate::http::connect_tcp(uri, timeout).await?;
     let handshake = h2::client::Builder::new()
         .enable_push(false)
         .initial_window_size(STREAM_WINDOW)

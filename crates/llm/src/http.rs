@@ -23,8 +23,8 @@ pub(crate) use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub(crate) use ::http::{Method, Uri};
 
 use crate::error::{LlmError, Result};
-use crate::h2c;
 use crate::types::ProviderKind;
+use crate::{h1, h2c};
 
 /// The longest NDJSON line accepted from an upstream.
 const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
@@ -214,6 +214,8 @@ fn proxied_client(http1_only: bool) -> std::result::Result<reqwest::Client, Stri
 }
 
 struct Origin {
+    /// Idle HTTP/1.1 connections, for a plain `http://` upstream spoken to over HTTP/1.1.
+    h1: Arc<h1::Pool>,
     in_flight: Box<[AtomicUsize]>,
     /// Each lane's connection, for an h2c upstream.
     h2c: Box<[OnceLock<Arc<h2c::Slot>>]>,
@@ -226,6 +228,8 @@ enum Route {
     Client(Upstream, Option<Lease>),
     /// A lane's h2c connection.
     H2c(Arc<h2c::Slot>, Lease),
+    /// HTTP/1.1 to a plain `http://` upstream, on a connection its requests drive.
+    H1(Arc<h1::Pool>),
 }
 
 /// A request's place on a lane, given back when its answer has been read or dropped.
@@ -272,9 +276,10 @@ impl Lanes {
     /// takes the first lane without a lease.
     fn pick(&self, provider: ProviderKind, url: &str, uri: &Uri) -> Route {
         let plain = || Route::Client(self.negotiated.first.clone(), None);
-        let h2c = match uri.scheme_str() {
-            Some("http") if self.h2c && provider != ProviderKind::Ollama => true,
-            Some("https") if !self.negotiated.http1_only => false,
+        let (h2c, h1) = match uri.scheme_str() {
+            Some("http") if self.h2c && provider != ProviderKind::Ollama => (true, false),
+            Some("http") => (false, true),
+            Some("https") if !self.negotiated.http1_only => (false, false),
             _ => return plain(),
         };
         // `scheme://authority`, as written in the URL the URI was parsed from.
@@ -283,6 +288,9 @@ impl Lanes {
         let Some(origin) = url.get(..origin_len).and_then(|key| self.origin(key)) else {
             return plain();
         };
+        if h1 {
+            return Route::H1(origin.h1.clone());
+        }
         let cap = self.streams_per_connection;
         let mut chosen = None;
         for (lane, count) in origin.in_flight.iter().enumerate() {
@@ -338,6 +346,7 @@ impl Lanes {
                 .entry(key.to_owned())
                 .or_insert_with(|| {
                     Arc::new(Origin {
+                        h1: Arc::default(),
                         in_flight: (0..MAX_LANES).map(|_| AtomicUsize::new(0)).collect(),
                         h2c: (0..MAX_LANES).map(|_| OnceLock::new()).collect(),
                     })
@@ -464,6 +473,11 @@ impl SendError {
         }
     }
 
+    /// A request on an open HTTP/1.1 connection that got no answer.
+    pub(crate) fn from_hyper(uri: &Uri, error: &hyper::Error) -> Self {
+        Self::from_error(&uri.to_string(), error, false)
+    }
+
     fn from_error(url: &str, error: &(dyn std::error::Error + 'static), connect: bool) -> Self {
         Self {
             message: format!("error sending request to {url}: {}", describe(error)),
@@ -540,8 +554,19 @@ pub(crate) fn dispatch(
                 lease,
             })
         }))),
-        Ok(Routed::Proxied(proxied)) => Either::Right(Either::Left(proxied)),
-        Err(error) => Either::Right(Either::Right(ready(Err(error)))),
+        Ok(Routed::H1 { pool, request }) => {
+            Either::Right(Either::Left(h1::send(pool, request).map_ok(|response| {
+                let (parts, body) = response.into_parts();
+                Answer {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: body.map_err(BoxError::from).boxed_unsync(),
+                    lease: None,
+                }
+            })))
+        }
+        Ok(Routed::Proxied(proxied)) => Either::Right(Either::Right(Either::Left(proxied))),
+        Err(error) => Either::Right(Either::Right(Either::Right(ready(Err(error))))),
     }
 }
 
@@ -560,6 +585,11 @@ enum Routed {
         pending: hyper_util::client::legacy::ResponseFuture,
         lease: Option<Lease>,
         url: String,
+    },
+    /// HTTP/1.1 on a connection the request drives.
+    H1 {
+        pool: Arc<h1::Pool>,
+        request: ::http::Request<Full<Bytes>>,
     },
     /// Through the configured proxy.
     Proxied(futures::future::BoxFuture<'static, std::result::Result<Answer, SendError>>),
@@ -604,6 +634,13 @@ fn route(provider: ProviderKind, request: Outgoing) -> std::result::Result<Route
             head,
             body,
         },
+        Route::H1(pool) => {
+            let (parts, ()) = head.into_parts();
+            Routed::H1 {
+                pool,
+                request: ::http::Request::from_parts(parts, Full::new(body)),
+            }
+        }
         Route::Client(client, lease) => {
             let (parts, ()) = head.into_parts();
             Routed::Client {
@@ -634,6 +671,35 @@ async fn dispatch_proxied(
         body: body.map_err(BoxError::from).boxed_unsync(),
         lease: None,
     })
+}
+
+/// Opens a TCP connection to `uri`'s authority (port 80 unless it names one), with
+/// `TCP_NODELAY`: requests are small writes answered at once, which Nagle's algorithm would
+/// hold back.
+pub(crate) async fn connect_tcp(
+    uri: &Uri,
+    timeout: Duration,
+) -> std::result::Result<tokio::net::TcpStream, SendError> {
+    let host = uri.host().unwrap_or_default();
+    // `[::1]` in a URL is `::1` to the resolver.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = uri.port_u16().unwrap_or(80);
+    let failed = |message: String| {
+        SendError::connect(format!(
+            "error sending request to {uri}: could not connect: {message}"
+        ))
+    };
+    let tcp =
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(error)) => return Err(failed(error.to_string())),
+            Err(_) => return Err(failed(format!("no connection within {timeout:?}"))),
+        };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// Installs rustls' ring crypto provider for the process, unless one is installed already.

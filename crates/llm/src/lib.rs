@@ -39,6 +39,7 @@
 pub mod error;
 pub mod factory;
 pub mod fallback;
+mod h1;
 mod h2c;
 mod http;
 pub mod pricing;
