@@ -67,9 +67,36 @@ pub fn build_binaries(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A free loopback port (bound and released; another process could take it in between).
+/// A free loopback port for a child to listen on, each one given once. It is taken below
+/// the range the kernel picks the local ports of outgoing connections from: a port from that
+/// range, released here, could become the local end of one of the thousands of connections
+/// the benchmark opens before the child binds it (which then fails with "address in use").
+/// Ports from the kernel's own choice are the fallback.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().map_err(|_| "port registry poisoned")?;
+    let given = given.get_or_insert_with(HashSet::new);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    const FLOOR: u16 = 10_000;
+    if low > FLOOR + 1_000 {
+        let random = RandomState::new();
+        for attempt in 0u32..256 {
+            let port = FLOOR + (random.hash_one(attempt) % u64::from(low - FLOOR)) as u16;
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return Ok(port);
+            }
+        }
+    }
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    given.insert(port);
+    Ok(port)
 }
 
 /// A child process under test.
