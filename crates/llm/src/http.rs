@@ -1,6 +1,6 @@
-//! The HTTP plumbing every provider shares: pooled upstream connections (hyper's client;
-//! h2c by [`crate::h2c`]; HTTP/2 spread over several connections), error classification, SSE
-//! and NDJSON framing.
+//! The HTTP plumbing every provider shares: pooled upstream connections (hyper's client over
+//! TLS; HTTP/1.1 to plain `http://` upstreams by [`crate::h1`], h2c by [`crate::h2c`]; HTTP/2
+//! spread over several connections), error classification, SSE and NDJSON framing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,8 +95,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// one h2c connection (a [`crate::h2c::Slot`]), so an HTTP/2 upstream gets one connection
 /// per lane in use: a request takes the first lane whose connection to its upstream carries
 /// fewer than `streams_per_connection` requests and holds it (a [`Lease`]) until its answer
-/// has been read. Plain HTTP/1.1 requests all use the first lane, whose pool keeps one
-/// connection per concurrent request anyway.
+/// has been read. Plain `http://` upstreams spoken to over HTTP/1.1 have a pool of their own
+/// ([`crate::h1`]) of one connection per concurrent request; HTTP/1.1 over TLS uses the
+/// first lane, whose pool does the same.
 ///
 /// When the environment names a proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`), every
 /// request goes through reqwest instead, which implements those variables and `NO_PROXY`.
@@ -113,7 +114,7 @@ struct Lanes {
 }
 
 struct Family {
-    /// Lane 0, also kept outside the lock: plain HTTP/1.1 requests all take it.
+    /// Lane 0, also kept outside the lock: HTTP/1.1 requests over TLS all take it.
     first: Upstream,
     clients: RwLock<Vec<Upstream>>,
     /// The connector every lane clones: one TLS configuration (root certificates, ALPN) for
@@ -272,8 +273,8 @@ impl Lanes {
             .map_err(Clone::clone)
     }
 
-    /// Where to send `uri` (parsed from `url`), and the lease it holds. Plain HTTP/1.1
-    /// takes the first lane without a lease.
+    /// Where to send `uri` (parsed from `url`), and the lease it holds. HTTP/1.1 takes its
+    /// origin's pool (plain `http://`) or the first lane (over TLS), without a lease.
     fn pick(&self, provider: ProviderKind, url: &str, uri: &Uri) -> Route {
         let plain = || Route::Client(self.negotiated.first.clone(), None);
         let (h2c, h1) = match uri.scheme_str() {
