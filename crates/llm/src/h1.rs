@@ -147,7 +147,7 @@ impl Absorber {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -173,7 +173,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection still open, if any.
-    fn checkout(&self, cx: &mut Context<'_>) -> Option<Conn> {
+    fn checkout(&self, cx: &mut Context<'_>) -> Option<Box<Conn>> {
         loop {
             let Idle { mut conn, since } = self.idle.lock().ok()?.pop()?;
             // A connection the upstream closed shows it when polled (end of file); one
@@ -187,7 +187,7 @@ impl Pool {
     }
 
     /// Keeps `conn` for the next request; connections idle too long are closed meanwhile.
-    fn put_back(&self, conn: Conn) {
+    fn put_back(&self, conn: Box<Conn>) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
@@ -217,7 +217,10 @@ impl Pool {
 }
 
 /// Opens a TCP connection to `uri`'s authority and performs hyper's (local) HTTP/1.1 set-up.
-async fn connect(uri: &Uri) -> Result<Conn, SendError> {
+///
+/// Boxed: hyper's connection state is several hundred bytes, and a connection moves from
+/// the pool to the request, to its answer's body and back on every request.
+async fn connect(uri: &Uri) -> Result<Box<Conn>, SendError> {
     tracing::debug!(%uri, "opening an upstream HTTP/1.1 connection");
     let tcp = crate::http::connect_tcp(uri, CONNECT_TIMEOUT).await?;
     let (sender, driver) = http1::Builder::new()
@@ -228,11 +231,11 @@ async fn connect(uri: &Uri) -> Result<Conn, SendError> {
                 "error sending request to {uri}: HTTP/1.1 set-up: {error}"
             ))
         })?;
-    Ok(Conn {
+    Ok(Box::new(Conn {
         sender,
         driver,
         wakes: Absorber::new(),
-    })
+    }))
 }
 
 /// Sends `request` (whose URI is absolute) to `pool`'s upstream and waits for the head of
@@ -269,7 +272,7 @@ pub(crate) fn send(
             let mut answer = std::pin::pin!(conn.sender.try_send_request(outgoing));
             let mut open = true;
             let result = std::future::poll_fn(|cx| {
-                let Conn { driver, wakes, .. } = &mut conn;
+                let Conn { driver, wakes, .. } = &mut *conn;
                 wakes.poll(cx, |cx| {
                     if open && drive(driver, cx).is_ready() {
                         open = false;
@@ -311,7 +314,7 @@ pub(crate) fn send(
 pub(crate) struct H1Body {
     incoming: Incoming,
     /// The connection, while the body is being read.
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     pool: Arc<Pool>,
 }
 
@@ -366,7 +369,7 @@ impl Body for H1Body {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let incoming = &mut this.incoming;
-        let Some(Conn { driver, wakes, .. }) = &mut this.conn else {
+        let Some(Conn { driver, wakes, .. }) = this.conn.as_deref_mut() else {
             return Pin::new(incoming).poll_frame(cx);
         };
         let mut open = true;
