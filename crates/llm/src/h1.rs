@@ -414,9 +414,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::http::{HeaderMap, Method};
+    use crate::http::Method;
+    use crate::http::test_support::{CHAT, json_headers, read_whole};
 
-    const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
     const STREAM: &str =
         r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -425,29 +425,24 @@ mod tests {
         *request.method_mut() = Method::POST;
         *request.uri_mut() =
             Uri::try_from(format!("http://{addr}/v1/chat/completions?x=1")).expect("a URI");
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            header::HeaderValue::from_static("Bearer fake"),
-        );
-        headers.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        *request.headers_mut() = headers;
+        *request.headers_mut() = json_headers();
         request
     }
 
     async fn post(pool: &Arc<Pool>, addr: SocketAddr) -> Result<(u16, Bytes), SendError> {
-        let answer = send(pool.clone(), request(addr, CHAT)).await?;
-        let status = answer.status().as_u16();
-        let body = answer
-            .into_body()
-            .collect()
+        read_whole(send(pool.clone(), request(addr, CHAT)).await?).await
+    }
+
+    /// A fake that answers a stream with `reply`, a pool, and the body of that stream.
+    async fn streamed(reply: Reply) -> (FakeServer, Arc<Pool>, H1Body) {
+        let fake = FakeServer::start().await.expect("fake");
+        fake.push(reply);
+        let pool = Arc::new(Pool::default());
+        let answer = send(pool.clone(), request(fake.addr(), STREAM))
             .await
-            .map_err(|e| SendError::new(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+            .expect("the head");
+        assert_eq!(answer.status(), 200);
+        (fake, pool, answer.into_body())
     }
 
     #[tokio::test]
@@ -502,18 +497,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_streamed_answer_arrives_chunk_by_chunk_and_leaves_its_connection_pooled() {
-        let fake = FakeServer::start().await.expect("fake");
-        fake.push(
+        let (fake, pool, mut body) = streamed(
             Reply::text("one two three four five")
                 .in_chunks(5)
                 .with_chunk_delay(Duration::from_millis(30)),
-        );
-        let pool = Arc::new(Pool::default());
-        let answer = send(pool.clone(), request(fake.addr(), STREAM))
-            .await
-            .expect("the head");
-        assert_eq!(answer.status(), 200);
-        let mut body = answer.into_body();
+        )
+        .await;
         let mut frames = 0;
         let mut text = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -538,13 +527,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_read_to_its_last_event_and_dropped_leaves_its_connection_pooled() {
-        let fake = FakeServer::start().await.expect("fake");
-        fake.push(Reply::text("one two three").in_chunks(3));
-        let pool = Arc::new(Pool::default());
-        let answer = send(pool.clone(), request(fake.addr(), STREAM))
-            .await
-            .expect("the head");
-        let mut body = answer.into_body();
+        let (fake, pool, mut body) = streamed(Reply::text("one two three").in_chunks(3)).await;
         let mut text = String::new();
         while !text.contains("data: [DONE]") {
             let frame = body.frame().await.expect("a frame").expect("data");
@@ -614,17 +597,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_dropped_half_read_closes_its_connection() {
-        let fake = FakeServer::start().await.expect("fake");
-        fake.push(
+        let (fake, pool, mut body) = streamed(
             Reply::text("one two three four five six")
                 .in_chunks(6)
                 .with_chunk_delay(Duration::from_millis(50)),
-        );
-        let pool = Arc::new(Pool::default());
-        let answer = send(pool.clone(), request(fake.addr(), STREAM))
-            .await
-            .expect("the head");
-        let mut body = answer.into_body();
+        )
+        .await;
         body.frame().await.expect("a frame").expect("data");
         drop(body);
         assert_eq!(

@@ -28,7 +28,7 @@ use h2::client::SendRequest;
 use http_body::{Body, Frame, SizeHint};
 
 #[cfg(test)]
-use crate::http::{HeaderMap, Method};
+use crate::http::Method;
 use crate::http::{SendError, Uri, header};
 
 /// A connection unused this long is closed (as hyper's pool does with idle connections).
@@ -372,8 +372,7 @@ mod tests {
     use meta_chat_testkit::FakeServer;
 
     use super::*;
-
-    const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    use crate::http::test_support::{CHAT, json_headers, read_whole};
 
     fn uri(addr: SocketAddr, path: &str) -> Uri {
         Uri::try_from(format!("http://{addr}{path}")).expect("a URI")
@@ -387,19 +386,6 @@ mod tests {
         head
     }
 
-    fn json_headers() -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            header::HeaderValue::from_static("Bearer fake"),
-        );
-        headers.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        headers
-    }
-
     async fn post(slot: &Arc<Slot>, addr: SocketAddr) -> Result<(u16, Bytes), SendError> {
         let answer = send(
             slot.clone(),
@@ -407,14 +393,7 @@ mod tests {
             Bytes::from_static(CHAT.as_bytes()),
         )
         .await?;
-        let status = answer.status().as_u16();
-        let body = answer
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| SendError::new(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+        read_whole(answer).await
     }
 
     #[tokio::test]

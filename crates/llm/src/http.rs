@@ -939,6 +939,51 @@ where
         .try_filter(|line| futures::future::ready(!line.trim().is_empty()))
 }
 
+/// What the transport tests of [`crate::h1`] and [`crate::h2c`] share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    use super::{HeaderMap, SendError, header};
+
+    /// A non-streamed chat request body.
+    pub(crate) const CHAT: &str =
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+    /// The headers of a provider's JSON request.
+    pub(crate) fn json_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            header::HeaderValue::from_static("Bearer fake"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        headers
+    }
+
+    /// An answer's status and whole body; a body that fails is the error.
+    pub(crate) async fn read_whole<B>(
+        answer: ::http::Response<B>,
+    ) -> Result<(u16, Bytes), SendError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let status = answer.status().as_u16();
+        let body = answer
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| SendError::new(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
