@@ -22,7 +22,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,8 @@ struct Idle {
 /// The idle connections to one upstream origin.
 pub(crate) struct Pool {
     idle: Mutex<Vec<Idle>>,
+    /// The `Host` header of the origin's requests, made by the first of them.
+    host: OnceLock<Option<header::HeaderValue>>,
     /// How long a connection may wait for its next request.
     idle_timeout: Duration,
 }
@@ -168,6 +170,7 @@ impl Pool {
     fn with_idle_timeout(idle_timeout: Duration) -> Self {
         Self {
             idle: Mutex::default(),
+            host: OnceLock::new(),
             idle_timeout,
         }
     }
@@ -246,11 +249,15 @@ pub(crate) fn send(
 ) -> impl Future<Output = Result<::http::Response<H1Body>, SendError>> + Send + 'static {
     let (mut parts, body) = request.into_parts();
     let uri = parts.uri.clone();
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = uri.authority()
-        && let Ok(host) = header::HeaderValue::from_str(authority.as_str())
+    // A pool serves one origin (`scheme://authority`), so the header is made once.
+    let host = pool.host.get_or_init(|| {
+        uri.authority()
+            .and_then(|authority| header::HeaderValue::from_str(authority.as_str()).ok())
+    });
+    if let Some(host) = host
+        && !parts.headers.contains_key(header::HOST)
     {
-        parts.headers.insert(header::HOST, host);
+        parts.headers.insert(header::HOST, host.clone());
     }
     // HTTP/1.1 requests to an origin server name only the path (RFC 9112 §3.2.1).
     parts.uri = uri
