@@ -263,7 +263,7 @@ pub(crate) fn send(
     parts.uri = uri
         .path_and_query()
         .map_or_else(|| Uri::from_static("/"), |path| Uri::from(path.clone()));
-    let mut request = Some(::http::Request::from_parts(parts, body));
+    let mut request = ::http::Request::from_parts(parts, body);
     async move {
         let mut attempts = 0;
         loop {
@@ -273,10 +273,7 @@ pub(crate) fn send(
                     Some(conn) => (conn, true),
                     None => (connect(&uri).await?, false),
                 };
-            let Some(outgoing) = request.take() else {
-                return Err(SendError::new("the request was lost before it was sent"));
-            };
-            let mut answer = std::pin::pin!(conn.sender.try_send_request(outgoing));
+            let mut answer = std::pin::pin!(conn.sender.try_send_request(request));
             let mut open = true;
             let result = std::future::poll_fn(|cx| {
                 let Conn { driver, wakes, .. } = &mut *conn;
@@ -305,7 +302,7 @@ pub(crate) fn send(
                         && attempts < MAX_ATTEMPTS
                     {
                         tracing::debug!(error = %failed.error(), "pooled upstream connection was closed; sending on another");
-                        request = Some(message);
+                        request = message;
                         continue;
                     }
                     let error = failed.into_error();
