@@ -423,26 +423,27 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)?;
+        let mut shared = SharedText::default();
         for chunk in insert_chunks(records) {
             let mut insert = sqlx::query(sqlx::AssertSqlSafe(USAGE_INSERT.rows(chunk.len())));
             for record in chunk {
                 insert = insert
-                    .bind(record.tenant_id.as_str())
-                    .bind(record.conversation_id.as_deref())
-                    .bind(record.request_id.as_str())
-                    .bind(record.endpoint.as_str())
-                    .bind(record.provider.as_str())
-                    .bind(record.model.as_str())
+                    .bind(shared.get(&record.tenant_id))
+                    .bind(record.conversation_id.as_deref().map(Arc::<str>::from))
+                    .bind(Arc::<str>::from(record.request_id.as_str()))
+                    .bind(shared.get(&record.endpoint))
+                    .bind(shared.get(&record.provider))
+                    .bind(shared.get(&record.model))
                     .bind(record.input_tokens)
                     .bind(record.output_tokens)
                     .bind(record.embedding_tokens)
                     .bind(record.cost_nano_usd)
                     .bind(record.latency_ms)
                     .bind(record.ttft_ms)
-                    .bind(record.status.as_str())
-                    .bind(record.error_kind.as_deref())
+                    .bind(shared.get(&record.status))
+                    .bind(record.error_kind.as_deref().map(|kind| shared.get(kind)))
                     .bind(record.cache_hit)
-                    .bind(record.fallback_from.as_deref())
+                    .bind(record.fallback_from.as_deref().map(|name| shared.get(name)))
                     .bind(record.tokens_estimated)
                     .bind(format_ts(record.created_at));
             }
@@ -842,6 +843,32 @@ fn bind_totals<'q>(query: SqliteQuery<'q>, totals: &UsageTotals) -> SqliteQuery<
         .bind(totals.cost_nano_usd)
 }
 
+/// The text parameters of one batch's rows, each distinct value made once and shared by the
+/// rows that hold it. sqlx copies a `&str` parameter into a new `Arc<String>` for every row
+/// (two allocations, freed by the database's thread); an `Arc<str>` is bound by its
+/// reference count. A batch's tenants, endpoints, providers, models and statuses are few, so
+/// the first [`SharedText::CAPACITY`] distinct values are kept; later ones are copied once
+/// each, as before.
+#[derive(Default)]
+struct SharedText<'a> {
+    seen: Vec<(&'a str, Arc<str>)>,
+}
+
+impl<'a> SharedText<'a> {
+    const CAPACITY: usize = 32;
+
+    fn get(&mut self, text: &'a str) -> Arc<str> {
+        if let Some((_, shared)) = self.seen.iter().find(|(seen, _)| *seen == text) {
+            return Arc::clone(shared);
+        }
+        let shared = Arc::<str>::from(text);
+        if self.seen.len() < Self::CAPACITY {
+            self.seen.push((text, Arc::clone(&shared)));
+        }
+        shared
+    }
+}
+
 /// A multi-row `INSERT … VALUES (?, …), …` with its conflict clause, its text built once per
 /// row count: [`insert_chunks`] gives batches only power-of-two lengths, so each statement has
 /// a few texts, each prepared once per connection, and a batch binds its values without
@@ -1034,6 +1061,28 @@ mod tests {
     /// The placeholders of a statement text: `(?, …)` groups and `?` in all.
     fn shape(sql: &str) -> (usize, usize) {
         (sql.matches("(?").count(), sql.matches('?').count())
+    }
+
+    #[test]
+    fn a_batch_shares_each_text_it_has_seen_and_keeps_a_bounded_number() {
+        let names: Vec<String> = (0..SharedText::CAPACITY + 8)
+            .map(|i| format!("t{i}"))
+            .collect();
+        let mut shared = SharedText::default();
+        let first = shared.get("openai");
+        assert_eq!(&*first, "openai");
+        // The same text again is the same allocation, whatever slice it comes from.
+        let again = String::from("openai");
+        assert!(Arc::ptr_eq(&first, &shared.get(&again)));
+        assert!(!Arc::ptr_eq(&first, &shared.get("ollama")));
+        for name in &names {
+            assert_eq!(&*shared.get(name), name.as_str());
+        }
+        assert_eq!(shared.seen.len(), SharedText::CAPACITY);
+        // Past the bound a text is still given, as a copy of its own.
+        let late = names.last().map(String::as_str).unwrap_or_default();
+        assert!(!Arc::ptr_eq(&shared.get(late), &shared.get(late)));
+        assert!(Arc::ptr_eq(&first, &shared.get("openai")));
     }
 
     #[test]
