@@ -419,7 +419,9 @@ mod tests {
 
     use super::*;
     use crate::http::Method;
-    use crate::http::test_support::{CHAT, json_headers, read_whole};
+    use crate::http::test_support::{
+        CHAT, assert_one_connection_carried, json_headers, read_whole,
+    };
 
     const STREAM: &str =
         r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -460,20 +462,7 @@ mod tests {
             assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
             assert_eq!(pool.idle_count(), 1, "the connection is back in the pool");
         }
-        let arrivals = fake.arrivals();
-        assert_eq!(arrivals.len(), 3, "{arrivals:?}");
-        assert!(
-            arrivals.iter().all(|a| a.version == "HTTP/1.1"),
-            "{arrivals:?}"
-        );
-        assert!(
-            arrivals.iter().all(|a| a.peer == arrivals[0].peer),
-            "one connection: {arrivals:?}"
-        );
-        let recorded = fake.requests_to("/v1/chat/completions");
-        assert_eq!(&recorded[0].raw[..], CHAT.as_bytes());
-        let length = CHAT.len().to_string();
-        assert_eq!(recorded[0].header("content-length"), Some(length.as_str()));
+        let recorded = assert_one_connection_carried(&fake, "HTTP/1.1", 3);
         let host = fake.addr().to_string();
         assert_eq!(recorded[0].header("host"), Some(host.as_str()));
     }

@@ -144,11 +144,7 @@ impl Slot {
 /// Opens a connection to `uri`'s authority and starts driving it.
 async fn connect(uri: &Uri, slot: Weak<Slot>, idle_check: Duration) -> Result<Conn, SendError> {
     let timeout = CONNECT_TIMEOUT;
-    let failed = |message: String| {
-        SendError::connect(format!(
-            "error sending request to {uri}: could not connect: {message}"
-        ))
-    };
+    let failed = |message: String| crate::http::connect_failed(uri, &message);
     let tcp = crate::http::connect_tcp(uri, timeout).await?;
     let handshake = h2::client::Builder::new()
         .enable_push(false)
@@ -372,7 +368,9 @@ mod tests {
     use meta_chat_testkit::FakeServer;
 
     use super::*;
-    use crate::http::test_support::{CHAT, json_headers, read_whole};
+    use crate::http::test_support::{
+        CHAT, assert_one_connection_carried, json_headers, read_whole,
+    };
 
     fn uri(addr: SocketAddr, path: &str) -> Uri {
         Uri::try_from(format!("http://{addr}{path}")).expect("a URI")
@@ -408,20 +406,7 @@ mod tests {
         for answer in together {
             assert_eq!(answer.expect("an answer").0, 200);
         }
-        let arrivals = fake.arrivals();
-        assert_eq!(arrivals.len(), 6, "{arrivals:?}");
-        assert!(
-            arrivals.iter().all(|a| a.version == "HTTP/2.0"),
-            "{arrivals:?}"
-        );
-        assert!(
-            arrivals.iter().all(|a| a.peer == arrivals[0].peer),
-            "one connection: {arrivals:?}"
-        );
-        let recorded = fake.requests_to("/v1/chat/completions");
-        assert_eq!(&recorded[0].raw[..], CHAT.as_bytes());
-        let length = CHAT.len().to_string();
-        assert_eq!(recorded[0].header("content-length"), Some(length.as_str()));
+        assert_one_connection_carried(&fake, "HTTP/2.0", 6);
     }
 
     #[tokio::test]

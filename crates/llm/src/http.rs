@@ -688,11 +688,7 @@ pub(crate) async fn connect_tcp(
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     let port = uri.port_u16().unwrap_or(80);
-    let failed = |message: String| {
-        SendError::connect(format!(
-            "error sending request to {uri}: could not connect: {message}"
-        ))
-    };
+    let failed = |message: String| connect_failed(uri, &message);
     let tcp =
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
             Ok(Ok(tcp)) => tcp,
@@ -939,6 +935,13 @@ where
         .try_filter(|line| futures::future::ready(!line.trim().is_empty()))
 }
 
+/// A connection to `uri` that could not be opened (TCP or, for h2c, the HTTP/2 handshake).
+pub(crate) fn connect_failed(uri: &Uri, message: &str) -> SendError {
+    SendError::connect(format!(
+        "error sending request to {uri}: could not connect: {message}"
+    ))
+}
+
 /// What the transport tests of [`crate::h1`] and [`crate::h2c`] share.
 #[cfg(test)]
 pub(crate) mod test_support {
@@ -963,6 +966,30 @@ pub(crate) mod test_support {
             header::HeaderValue::from_static("application/json"),
         );
         headers
+    }
+
+    /// Checks that `fake` took `count` requests, all over one connection speaking `version`,
+    /// and that the first was [`CHAT`] whole, with its length; returns the requests.
+    pub(crate) fn assert_one_connection_carried(
+        fake: &meta_chat_testkit::FakeServer,
+        version: &str,
+        count: usize,
+    ) -> Vec<meta_chat_testkit::Recorded> {
+        let arrivals = fake.arrivals();
+        assert_eq!(arrivals.len(), count, "{arrivals:?}");
+        assert!(
+            arrivals.iter().all(|a| a.version == version),
+            "{arrivals:?}"
+        );
+        assert!(
+            arrivals.iter().all(|a| a.peer == arrivals[0].peer),
+            "one connection: {arrivals:?}"
+        );
+        let recorded = fake.requests_to("/v1/chat/completions");
+        assert_eq!(&recorded[0].raw[..], CHAT.as_bytes());
+        let length = CHAT.len().to_string();
+        assert_eq!(recorded[0].header("content-length"), Some(length.as_str()));
+        recorded
     }
 
     /// An answer's status and whole body; a body that fails is the error.
